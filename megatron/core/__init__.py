@@ -1,0 +1,1 @@
+"""megatron.core: the library (parallel state, tensor-parallel layers, models, data, optimizers)."""
