@@ -30,6 +30,10 @@ from megatron.core.parallel_state import (
 )
 from megatron.core.tensor_parallel.utils import divide, split_tensor_along_last_dim
 
+# torch >= 2.11 renamed the tensor-output collectives; keep working on older releases.
+_all_gather_into_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def _reduce(input_: torch.Tensor) -> torch.Tensor:
     """All-reduce (sum) over the TP group; returns a new tensor."""
@@ -73,7 +77,7 @@ def _gather_along_first_dim(input_: torch.Tensor) -> torch.Tensor:
     input_ = input_.contiguous()
     output = torch.empty((input_.size(0) * world_size,) + tuple(input_.shape[1:]),
                          dtype=input_.dtype, device=input_.device)
-    dist.all_gather_into_tensor(output, input_, group=get_tensor_model_parallel_group())
+    _all_gather_into_tensor(output, input_, group=get_tensor_model_parallel_group())
     return output
 
 
@@ -83,7 +87,7 @@ def _reduce_scatter_along_first_dim(input_: torch.Tensor) -> torch.Tensor:
         return input_
     local = divide(input_.size(0), world_size, "sequence length (dim 0) under --sequence-parallel")
     output = torch.empty((local,) + tuple(input_.shape[1:]), dtype=input_.dtype, device=input_.device)
-    dist.reduce_scatter_tensor(output, input_.contiguous(), group=get_tensor_model_parallel_group())
+    _reduce_scatter_tensor(output, input_.contiguous(), group=get_tensor_model_parallel_group())
     return output
 
 

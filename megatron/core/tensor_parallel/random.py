@@ -136,6 +136,7 @@ class CheckpointFunction(torch.autograd.Function):
             outputs = run_function(*args)
         if distribute_saved_activations:
             ctx.input_0_shape = args[0].shape
+            ctx.input_0_requires_grad = args[0].requires_grad
             args = (_split_flat_for_tp(args[0]),) + tuple(args[1:])
         ctx.save_for_backward(*args)
         return outputs
@@ -156,6 +157,8 @@ class CheckpointFunction(torch.autograd.Function):
             torch.cuda.set_rng_state(ctx.fwd_cuda_rng_state)
         _RNG_TRACKER.set_states(ctx.fwd_tracker_states)
         detached = detach_variable(tuple(inputs))
+        if ctx.distribute_saved_activations:
+            detached[0].requires_grad_(ctx.input_0_requires_grad)
         try:
             with torch.enable_grad():
                 outputs = ctx.run_function(*detached)
