@@ -1,0 +1,51 @@
+"""Helpers for transformer modules: mask fill, GeLU variants, stage-local layer counts."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from megatron.core import parallel_state
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def attention_mask_func(attention_scores: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Fill masked positions (True in ``attention_mask``) with -10000, as Megatron-LM does."""
+    return attention_scores.masked_fill(attention_mask, -10000.0)
+
+
+def openai_gelu(x: torch.Tensor) -> torch.Tensor:
+    """GeLU, tanh approximation (GPT-2's ``gelu_new``)."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def erf_gelu(x: torch.Tensor) -> torch.Tensor:
+    """Exact GeLU through erf."""
+    return torch.nn.functional.gelu(x)
+
+
+def _pp_state():
+    """(pp world size, pp rank, vpp world size or None, vpp rank); (1, 0, None, None) without groups."""
+    if not parallel_state.model_parallel_is_initialized():
+        return 1, 0, None, None
+    return (parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_rank(),
+            parallel_state.get_virtual_pipeline_model_parallel_world_size(),
+            parallel_state.get_virtual_pipeline_model_parallel_rank())
+
+
+def get_num_layers_to_build(config: TransformerConfig) -> int:
+    """Layers held by this pipeline stage (this model chunk under the interleaved schedule)."""
+    pp, _, vpp, _ = _pp_state()
+    per_stage = config.num_layers // pp
+    return per_stage // vpp if vpp is not None else per_stage
+
+
+def get_layer_offset(config: TransformerConfig) -> int:
+    """Global index of this stage's (chunk's) first layer, as Megatron-LM computes it."""
+    pp, pp_rank, vpp, vpp_rank = _pp_state()
+    local = get_num_layers_to_build(config)
+    if vpp is not None:
+        return (vpp_rank or 0) * (config.num_layers // vpp) + pp_rank * local
+    return pp_rank * local
