@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron.core import tensor_parallel
-from megatron.core.fusions.fused_softmax import FusedScaleMaskSoftmax, causal_mask
+from megatron.core.fusions.fused_softmax import FusedScaleMaskSoftmax
 from megatron.core.parallel_state import get_tensor_model_parallel_world_size
 from megatron.core.tensor_parallel.utils import divide
 from megatron.core.transformer.enums import AttnMaskType
@@ -62,7 +62,11 @@ class CoreAttention(MegatronModule):
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """query/key/value: [s, b, np, hn]; attention_mask: bool [b|1, 1, sq, sk] or None -> [sq, b, np*hn]."""
+        """query/key/value: [s, b, np, hn] -> context [sq, b, np*hn].
+
+        attention_mask: None (causal) or the complete bool mask [b|1, 1, sq, sk], True = masked out
+        (it must contain the causal part itself, as Megatron's get_ltor_masks_and_position_ids builds it).
+        """
         if self.use_flash_attn:
             return self._sdpa_forward(query, key, value, attention_mask)
         sq, b, np_, hn = query.shape
@@ -83,14 +87,12 @@ class CoreAttention(MegatronModule):
     def _sdpa_forward(self, query, key, value, attention_mask):
         sq, b, np_, hn = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, np, s, hn]
+        # As in FusedScaleMaskSoftmax: a given mask is complete (it includes the causal part); None = causal.
         attn_mask, is_causal = None, False
         if attention_mask is None:
             is_causal = self.attn_mask_type == AttnMaskType.causal
         else:
-            masked = attention_mask
-            if self.attn_mask_type == AttnMaskType.causal:
-                masked = masked | causal_mask(sq, k.size(2), device=q.device)
-            attn_mask = ~masked  # SDPA: True = attend
+            attn_mask = ~attention_mask  # SDPA: True = attend
         dropout_p = self.attention_dropout_p if self.training else 0.0
         with self._dropout_context():
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,

@@ -67,7 +67,8 @@ class GPTModel(MegatronModule):
         Args:
             input_ids: [b, s] token ids (first stage; may be None elsewhere).
             position_ids: [b, s] positions (first stage; may be None elsewhere).
-            attention_mask: None (plain causal) or bool [b|1, 1, s, s], True = masked out.
+            attention_mask: None (plain causal) or the complete bool mask [b|1, 1, s, s], True = masked out
+                (including the causal part, as get_ltor_masks_and_position_ids builds it).
             labels: [b, s] next-token ids, or None.
 
         Returns:
