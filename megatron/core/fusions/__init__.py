@@ -49,14 +49,16 @@ def fusion_status(masked_softmax_fusion: bool = True, bias_gelu_fusion: bool = T
 
     kernels = fused_kernels_available()
     compiled = compile_enabled() and torch.cuda.is_available()
-    reason = "" if kernels else f" ({load_error() or 'no CUDA device'})"
-    return {
-        "softmax": ("cuda kernel" if kernels and masked_softmax_fusion else "torch") + reason,
-        "layer_norm": ("cuda kernel" if kernels else "torch") + reason,
+    status = {
+        "softmax": "cuda kernel" if kernels and masked_softmax_fusion else "torch",
+        "layer_norm": "cuda kernel" if kernels else "torch",
         "bias_gelu": "torch.compile" if compiled and bias_gelu_fusion else "torch eager",
         "bias_dropout_add": "torch.compile" if compiled and bias_dropout_fusion else "torch eager",
         "persist_layer_norm": str(persist_layer_norm),
     }
+    if not kernels:
+        status["kernels_unavailable"] = load_error() or "no CUDA device"
+    return status
 
 
 def log_fusion_status(logger: logging.Logger, **flags) -> str:

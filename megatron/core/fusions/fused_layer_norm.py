@@ -25,6 +25,10 @@ def layer_norm_kernel_supported(input_dtype: torch.dtype, weight_dtype: torch.dt
     return 1 <= hidden <= MAX_KERNEL_HIDDEN
 
 
+def _is_cuda(t: torch.Tensor) -> bool:
+    return t.is_cuda
+
+
 class FusedLayerNormAffineFunction(torch.autograd.Function):
     """y = (x - mean) * rstd * w' + b over the last dim, w' = w (+1 with zero_centered_gamma)."""
 
@@ -92,7 +96,7 @@ class FusedLayerNorm(nn.Module):
 
     def use_kernel(self, input: torch.Tensor) -> bool:
         """Whether forward(input) runs the CUDA kernel."""
-        return (input.is_cuda and fused_kernels_available()
+        return (_is_cuda(input) and fused_kernels_available()
                 and layer_norm_kernel_supported(input.dtype, self.weight.dtype, self.hidden_size))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

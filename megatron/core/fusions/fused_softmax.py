@@ -87,6 +87,10 @@ class ScaledMaskedSoftmax(torch.autograd.Function):
         return grad_in, None, None
 
 
+def _is_cuda(t: torch.Tensor) -> bool:
+    return t.is_cuda
+
+
 def causal_mask(sq: int, sk: int, device=None) -> torch.Tensor:
     """Bool [1, 1, sq, sk], True where key j lies after query i (j > i + sk - sq)."""
     i = torch.arange(sq, device=device).unsqueeze(1)
@@ -131,7 +135,7 @@ class FusedScaleMaskSoftmax(nn.Module):
         """input: [b, np, sq, sk] scores; mask: bool [b|1, 1, sq, sk] (True = masked out) or None."""
         if input.dim() != 4:
             raise ValueError(f"FusedScaleMaskSoftmax expects [b, np, sq, sk] scores, got {tuple(input.shape)}")
-        if self.is_kernel_available(mask, *input.size()) and input.is_cuda:
+        if self.is_kernel_available(mask, *input.size()) and _is_cuda(input):
             return self.forward_fused_softmax(input, mask)
         return self.forward_torch_softmax(input, mask)
 
