@@ -41,10 +41,18 @@ def _model(seed=1234, tied=True, **kw):
                     share_embeddings_and_output_weights=tied)
 
 
+def _device():
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _causal_mask():
+    return torch.triu(torch.ones(S, S, dtype=torch.bool, device=_device()), diagonal=1).view(1, 1, S, S)
+
+
 def _batch(seed=7):
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, V, (B, S + 1), generator=g)
-    position_ids = torch.arange(S).unsqueeze(0).expand(B, S)
+    tokens = torch.randint(0, V, (B, S + 1), generator=g).to(_device())
+    position_ids = torch.arange(S, device=_device()).unsqueeze(0).expand(B, S)
     return tokens[:, :-1].contiguous(), position_ids, tokens[:, 1:].contiguous()
 
 
@@ -84,7 +92,7 @@ def _hf_model(activation):
                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
                                   activation_function=activation, tie_word_embeddings=True)
     cfg._attn_implementation = "eager"
-    return transformers.GPT2LMHeadModel(cfg).eval()
+    return transformers.GPT2LMHeadModel(cfg).to(_device()).eval()
 
 
 @pytest.mark.parametrize("gelu", ["tanh-fused", "tanh", "erf"])
@@ -113,7 +121,7 @@ def test_matches_hugging_face_gpt2(gelu):
     # HF's own (shifted, mean) loss equals our per-token loss averaged over the positions it covers
     torch.testing.assert_close(loss[:, :-1].mean(), hf_out.loss, rtol=1e-5, atol=1e-6)
     # an explicit causal mask, and query-key layer scaling, change nothing mathematically
-    mask = torch.triu(torch.ones(S, S, dtype=torch.bool), diagonal=1).view(1, 1, S, S)
+    mask = _causal_mask()
     scaled = _model(apply_query_key_layer_scaling=True, **kw).eval()
     scaled.load_state_dict(ours.state_dict())
     with torch.no_grad():
@@ -146,7 +154,7 @@ def test_sdpa_attention_equals_softmax_path():
     sdpa.load_state_dict(ref.state_dict())
     _assert_same(_loss_and_grads(ref), _loss_and_grads(sdpa))
     # with a full mask: causal, plus key 3 hidden from every query after position 4
-    mask = torch.triu(torch.ones(S, S, dtype=torch.bool), diagonal=1).view(1, 1, S, S).clone()
+    mask = _causal_mask().clone()
     mask[..., 5:, 3] = True
     _assert_same(_loss_and_grads(ref, mask), _loss_and_grads(sdpa, mask))
     # and the mask really changes the result

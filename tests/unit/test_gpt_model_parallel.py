@@ -23,10 +23,15 @@ def _config(tp=1, pp=1, **kw):
                              pipeline_model_parallel_size=pp, **kw)
 
 
+def _device():
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def _batch():
     g = torch.Generator().manual_seed(11)
-    tokens = torch.randint(0, V, (B, S + 1), generator=g)
-    return tokens[:, :-1].contiguous(), torch.arange(S).unsqueeze(0).expand(B, S), tokens[:, 1:].contiguous()
+    tokens = torch.randint(0, V, (B, S + 1), generator=g).to(_device())
+    position_ids = torch.arange(S, device=_device()).unsqueeze(0).expand(B, S)
+    return tokens[:, :-1].contiguous(), position_ids, tokens[:, 1:].contiguous()
 
 
 def _tp_gather(param, tensor):
@@ -142,7 +147,7 @@ def _check_pipeline(ref):
         dist.recv(grad, src=rank + 2)
         hidden.backward(grad)
     else:
-        hidden = torch.empty(S, B, H)
+        hidden = torch.empty(S, B, H, device=_device())
         dist.recv(hidden, src=rank - 2)
         hidden.requires_grad_(True)
         model.set_input_tensor(hidden)

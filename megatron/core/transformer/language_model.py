@@ -13,6 +13,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import ParallelTransformer
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import default_device
 
 
 def parallel_lm_logits(input_: torch.Tensor, word_embeddings_weight: torch.Tensor, parallel_output: bool,
@@ -65,12 +66,12 @@ class Embedding(MegatronModule):
 
     def _replicated_embedding(self, rows: int) -> nn.Embedding:
         """An embedding table identical on every TP rank, drawn in fp32 from the (TP-shared) default RNG."""
-        emb = nn.Embedding(rows, self.hidden_size, dtype=self.config.params_dtype)
+        emb = nn.Embedding(rows, self.hidden_size, dtype=self.config.params_dtype, device=default_device(self.config))
         if self.config.perform_initialization:
             master = torch.empty(rows, self.hidden_size, dtype=torch.float32)
             self.config.init_method(master)
             with torch.no_grad():
-                emb.weight.copy_(master)
+                emb.weight.copy_(master.to(emb.weight.device))
         return emb
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,

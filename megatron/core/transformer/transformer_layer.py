@@ -13,13 +13,15 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import ParallelMLP
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import default_device
 
 
 def build_layer_norm(config: TransformerConfig) -> FusedLayerNorm:
     """A FusedLayerNorm of width h with the config's epsilon, dtype and sequence-parallel marking."""
-    return FusedLayerNorm(config.hidden_size, eps=config.layernorm_epsilon,
+    norm = FusedLayerNorm(config.hidden_size, eps=config.layernorm_epsilon,
                           persist_layer_norm=config.persist_layer_norm,
                           sequence_parallel=config.sequence_parallel, params_dtype=config.params_dtype)
+    return norm.to(default_device(config))  # Module.to keeps the sequence_parallel param attributes
 
 
 class ParallelTransformerLayer(MegatronModule):

@@ -25,6 +25,13 @@ def erf_gelu(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.gelu(x)
 
 
+def default_device(config: TransformerConfig) -> torch.device:
+    """Where parameters are created: the current CUDA device unless CPU init is asked for (as the TP layers)."""
+    if config.use_cpu_initialization or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def _pp_state():
     """(pp world size, pp rank, vpp world size or None, vpp rank); (1, 0, None, None) without groups."""
     if not parallel_state.model_parallel_is_initialized():
