@@ -96,9 +96,12 @@ class DistributedDataParallel(torch.nn.Module):
         return self.module(*inputs, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
+        """Attributes the wrapper lacks are looked up on the wrapped module (e.g. ``set_input_tensor``)."""
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name == "module":
+                raise
             return getattr(self.module, name)
 
     @contextmanager
