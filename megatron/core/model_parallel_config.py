@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -26,6 +26,9 @@ class ModelParallelConfig:
         batch_p2p_comm: use batch_isend_irecv for pipeline p2p.
         deallocate_pipeline_outputs: free pipeline output activations once sent.
         gradient_accumulation_fusion: accumulate weight grads into main_grad directly (CUDA only).
+        grad_scale_func: ``f(loss) -> scaled loss`` applied before backward (the optimizer's loss scaler).
+        no_sync_func: context manager factory that defers DP grad reduction (all but the last micro-batch).
+        finalize_model_grads_func: ``f(model_chunks)`` run after the last backward (DP/TP/embedding sync).
     """
 
     tensor_model_parallel_size: int = 1
@@ -41,6 +44,9 @@ class ModelParallelConfig:
     batch_p2p_comm: bool = True
     deallocate_pipeline_outputs: bool = False
     gradient_accumulation_fusion: bool = False
+    grad_scale_func: Optional[Callable] = None
+    no_sync_func: Optional[Callable] = None
+    finalize_model_grads_func: Optional[Callable] = None
 
     def __post_init__(self):
         if self.sequence_parallel and self.tensor_model_parallel_size <= 1:
