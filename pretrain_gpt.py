@@ -11,7 +11,6 @@ from functools import partial
 
 import torch
 
-from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.transformer.enums import ModelType
 from megatron.training import get_args, get_tokenizer, pretrain
@@ -66,9 +65,7 @@ def train_valid_test_datasets_provider(train_val_test_num_samples):
                      for n in train_val_test_num_samples)
     from megatron.training.datasets import build_gpt_datasets_from_args
 
-    return build_gpt_datasets_from_args(args, get_tokenizer(), train_val_test_num_samples,
-                                        is_dataset_built_on_rank=lambda: True,
-                                        pipeline_rank=parallel_state.get_pipeline_model_parallel_rank())
+    return build_gpt_datasets_from_args(args, get_tokenizer(), train_val_test_num_samples)
 
 
 if __name__ == "__main__":

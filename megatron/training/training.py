@@ -265,16 +265,16 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
              args_defaults: Optional[dict] = None, args_list: Optional[List[str]] = None) -> Dict[str, list]:
     """Megatron-LM's entry point. Returns the training history (ignored by command-line callers)."""
     start_time = time.time()
-    try:
+    try:  # every user mistake surfaces here as one line, before any training work is done
         args = initialize_megatron(extra_args_provider, args_defaults, args_list)
+        print_datetime("after megatron is initialized")
+        model, optimizer, opt_param_scheduler = setup_model_and_optimizer(model_provider, model_type)
+        print_datetime("after model, optimizer, and learning rate scheduler are built")
+        train_it, valid_it, test_it = build_train_valid_test_data_iterators(train_valid_test_dataset_provider)
+        print_datetime("after dataloaders are built")
     except ArgumentError as err:
         print(f"{sys.argv[0]}: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-    print_datetime("after megatron is initialized")
-    model, optimizer, opt_param_scheduler = setup_model_and_optimizer(model_provider, model_type)
-    print_datetime("after model, optimizer, and learning rate scheduler are built")
-    train_it, valid_it, test_it = build_train_valid_test_data_iterators(train_valid_test_dataset_provider)
-    print_datetime("after dataloaders are built")
     history: Dict[str, list] = {"iteration": [], "lm loss": []}
     if args.iteration < args.train_iters:
         history = train(forward_step_func, model, optimizer, opt_param_scheduler, train_it, valid_it, start_time)
