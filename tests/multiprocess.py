@@ -42,6 +42,28 @@ def _default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def _to_portable(obj):
+    """Tensors -> ('__tensor__', numpy array): torch's shared-memory pickling dies with the worker."""
+    if isinstance(obj, torch.Tensor):
+        return ("__tensor__", obj.detach().cpu().float().numpy() if obj.dtype == torch.bfloat16
+                else obj.detach().cpu().numpy())
+    if isinstance(obj, dict):
+        return {k: _to_portable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_portable(v) for v in obj)
+    return obj
+
+
+def _from_portable(obj):
+    if isinstance(obj, tuple) and len(obj) == 2 and obj[0] == "__tensor__":
+        return torch.from_numpy(obj[1])
+    if isinstance(obj, dict):
+        return {k: _from_portable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_from_portable(v) for v in obj)
+    return obj
+
+
 def _worker(rank, world_size, port, backend, timeout, fn, args, results):
     import torch.distributed as dist
 
@@ -61,7 +83,7 @@ def _worker(rank, world_size, port, backend, timeout, fn, args, results):
             parallel_state.destroy_model_parallel()
         dist.barrier()
         dist.destroy_process_group()
-        results.put((rank, "ok", out))
+        results.put((rank, "ok", _to_portable(out)))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         results.put((rank, "error", traceback.format_exc()))
 
@@ -69,6 +91,8 @@ def _worker(rank, world_size, port, backend, timeout, fn, args, results):
 def run_distributed(fn: Callable, world_size: int, args: Sequence[Any] = (), timeout: float = 120.0,
                     backend: Optional[str] = None) -> List[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks and return their results.
+
+    Results may contain tensors (sent back as numpy arrays and rebuilt as CPU tensors).
 
     Raises:
         AssertionError: naming the failing rank with its traceback, or the ranks still running
@@ -117,4 +141,4 @@ def run_distributed(fn: Callable, world_size: int, args: Sequence[Any] = (), tim
     if missing:
         raise AssertionError(f"distributed test {fn.__name__} (world size {world_size}) timed out after "
                              f"{deadline:.0f}s; ranks {missing} never finished (deadlock?)")
-    return [outcomes[r][1] for r in range(world_size)]
+    return [_from_portable(outcomes[r][1]) for r in range(world_size)]
