@@ -7,6 +7,7 @@ train with periodic logging / validation / checkpointing, and stop cleanly on --
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.fusions import log_fusion_status
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
@@ -28,7 +30,7 @@ from megatron.training.arguments import ArgumentError
 from megatron.training.data_samplers import build_pretraining_data_loader
 from megatron.training.initialize import initialize_megatron
 from megatron.training.training_log import TrainingLogger, evaluation_line
-from megatron.training.utils import print_datetime, print_rank_last
+from megatron.training.utils import print_datetime, print_rank_0, print_rank_last
 
 
 def get_model(model_provider_func: Callable, model_type=ModelType.encoder_or_decoder,
@@ -268,6 +270,10 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
     try:  # every user mistake surfaces here as one line, before any training work is done
         args = initialize_megatron(extra_args_provider, args_defaults, args_list)
         print_datetime("after megatron is initialized")
+        print_rank_0("> " + log_fusion_status(
+            logging.getLogger(__name__), masked_softmax_fusion=args.masked_softmax_fusion,
+            bias_gelu_fusion=args.bias_gelu_fusion, bias_dropout_fusion=args.bias_dropout_fusion,
+            persist_layer_norm=args.persist_layer_norm))
         model, optimizer, opt_param_scheduler = setup_model_and_optimizer(model_provider, model_type)
         print_datetime("after model, optimizer, and learning rate scheduler are built")
         train_it, valid_it, test_it = build_train_valid_test_data_iterators(train_valid_test_dataset_provider)
