@@ -39,11 +39,16 @@ def get_model(model_provider_func: Callable, model_type=ModelType.encoder_or_dec
     args = global_vars.get_args()
     vp = args.virtual_pipeline_model_parallel_size
     chunks = []
-    for i in range(vp or 1):
-        if vp is not None:
-            parallel_state.set_virtual_pipeline_model_parallel_rank(i)
-        chunks.append(model_provider_func(pre_process=parallel_state.is_pipeline_first_stage(),
-                                          post_process=parallel_state.is_pipeline_last_stage()))
+    # Every rank builds from the same generator state (--seed, without the per-stage offset of
+    # set_random_seed), so initial weights do not depend on the pipeline layout; the dropout
+    # streams are left as they were.
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        torch.manual_seed(args.seed)
+        for i in range(vp or 1):
+            if vp is not None:
+                parallel_state.set_virtual_pipeline_model_parallel_rank(i)
+            chunks.append(model_provider_func(pre_process=parallel_state.is_pipeline_first_stage(),
+                                              post_process=parallel_state.is_pipeline_last_stage()))
     if vp is not None:
         parallel_state.set_virtual_pipeline_model_parallel_rank(0)
     for chunk in chunks:
@@ -124,8 +129,15 @@ def build_train_valid_test_data_iterators(dataset_provider: Callable):
     train = loader(train_ds, args.consumed_train_samples)
     valid = loader(valid_ds, 0)  # like Megatron's cyclic validation loader, restarted each run
     test = loader(test_ds, 0)
-    return (iter(train) if train is not None else None, _cyclic(valid) if valid is not None else None,
-            _cyclic(test) if test is not None else None)
+    its = (iter(train) if train is not None else None, _cyclic(valid) if valid is not None else None,
+           _cyclic(test) if test is not None else None)
+    vp = args.virtual_pipeline_model_parallel_size
+    if vp is None:
+        return its
+    # Interleaved schedule: each model chunk reads the same micro-batches through its own iterator.
+    return (None if train is None else [iter(train) for _ in range(vp)],
+            None if valid is None else [_cyclic(valid) for _ in range(vp)],
+            None if test is None else [_cyclic(test) for _ in range(vp)])
 
 
 def train_step(forward_step_func, data_iterator, model, optimizer, opt_param_scheduler, config):
@@ -221,8 +233,7 @@ def train(forward_step_func, model, optimizer, opt_param_scheduler, train_data_i
     config = model[0].config
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = lambda chunks: finalize_model_grads(chunks, config)
-    if len(model) == 1:
-        config.no_sync_func = model[0].no_sync
+    config.no_sync_func = model[0].no_sync if len(model) == 1 else [chunk.no_sync for chunk in model]
     logger = TrainingLogger(args)
     history: Dict[str, list] = {"iteration": [], "lm loss": [], "grad norm": [], "loss scale": [], "skipped": []}
     for chunk in model:

@@ -13,7 +13,14 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import ParallelTransformer
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.utils import default_device
+from megatron.core.transformer.utils import (
+    OUTPUT_LAYER_INIT_KEY,
+    POSITION_EMBEDDINGS_INIT_KEY,
+    TOKENTYPE_EMBEDDINGS_INIT_KEY,
+    WORD_EMBEDDINGS_INIT_KEY,
+    default_device,
+    init_rng,
+)
 
 
 def parallel_lm_logits(input_: torch.Tensor, word_embeddings_weight: torch.Tensor, parallel_output: bool,
@@ -57,11 +64,16 @@ class Embedding(MegatronModule):
         self.hidden_size = config.hidden_size
         self.sequence_parallel = config.sequence_parallel
         self.fp32_residual_connection = config.fp32_residual_connection
-        self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
-            vocab_size, config.hidden_size, init_method=config.init_method, config=config)
-        self.position_embeddings = self._replicated_embedding(max_sequence_length)
+        with init_rng(WORD_EMBEDDINGS_INIT_KEY):
+            self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
+                vocab_size, config.hidden_size, init_method=config.init_method, config=config)
+        with init_rng(POSITION_EMBEDDINGS_INIT_KEY):
+            self.position_embeddings = self._replicated_embedding(max_sequence_length)
         self.num_tokentypes = num_tokentypes
-        self.tokentype_embeddings = self._replicated_embedding(num_tokentypes) if num_tokentypes > 0 else None
+        self.tokentype_embeddings = None
+        if num_tokentypes > 0:
+            with init_rng(TOKENTYPE_EMBEDDINGS_INIT_KEY):
+                self.tokentype_embeddings = self._replicated_embedding(num_tokentypes)
         self.embedding_dropout = nn.Dropout(embedding_dropout_prob)
 
     def _replicated_embedding(self, rows: int) -> nn.Embedding:
@@ -119,8 +131,9 @@ class TransformerLanguageModel(MegatronModule):
         self.encoder = ParallelTransformer(config, pre_process=pre_process, post_process=post_process,
                                            self_attn_mask_type=encoder_attn_mask_type)
         if post_process and add_output_layer:
-            self.output_layer = tensor_parallel.ColumnParallelLinear(
-                config.hidden_size, vocab_size, config=config, init_method=config.init_method, bias=False)
+            with init_rng(OUTPUT_LAYER_INIT_KEY):
+                self.output_layer = tensor_parallel.ColumnParallelLinear(
+                    config.hidden_size, vocab_size, config=config, init_method=config.init_method, bias=False)
 
     def set_input_tensor(self, input_tensor) -> None:
         """Input from the previous pipeline stage (a tensor or a one-element list)."""

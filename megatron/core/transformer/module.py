@@ -8,6 +8,7 @@ from torch import nn
 
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import WORD_EMBEDDINGS_INIT_KEY, init_rng
 
 
 class MegatronModule(nn.Module):
@@ -57,9 +58,10 @@ class MegatronModule(nn.Module):
         if self.pre_process and not self.post_process:
             self.shared_embedding_or_output_weight().shared_embedding = True
         if self.post_process and not self.pre_process:
-            self.word_embeddings_for_head = tensor_parallel.VocabParallelEmbedding(
-                self.vocab_size, self.config.hidden_size, init_method=self.config.init_method,
-                config=self.config)
+            with init_rng(WORD_EMBEDDINGS_INIT_KEY):  # overwritten below; drawn aside so other inits stay put
+                self.word_embeddings_for_head = tensor_parallel.VocabParallelEmbedding(
+                    self.vocab_size, self.config.hidden_size, init_method=self.config.init_method,
+                    config=self.config)
             self.word_embeddings_for_head.weight.data.fill_(0)
             self.word_embeddings_for_head.weight.shared = True
             self.word_embeddings_for_head.weight.shared_embedding = True

@@ -13,7 +13,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import ParallelMLP
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.utils import default_device
+from megatron.core.transformer.utils import default_device, init_rng
 
 
 def build_layer_norm(config: TransformerConfig) -> FusedLayerNorm:
@@ -44,10 +44,11 @@ class ParallelTransformerLayer(MegatronModule):
         self.apply_residual_connection_post_layernorm = config.apply_residual_connection_post_layernorm
         self.hidden_dropout = config.hidden_dropout
         self.bias_dropout_fusion = config.bias_dropout_fusion
-        self.input_layernorm = build_layer_norm(config)
-        self.self_attention = ParallelAttention(config, layer_number, attn_mask_type=self_attn_mask_type)
-        self.post_attention_layernorm = build_layer_norm(config)
-        self.mlp = ParallelMLP(config)
+        with init_rng(layer_number):  # weights depend on (seed, global layer number) only: PP-invariant
+            self.input_layernorm = build_layer_norm(config)
+            self.self_attention = ParallelAttention(config, layer_number, attn_mask_type=self_attn_mask_type)
+            self.post_attention_layernorm = build_layer_norm(config)
+            self.mlp = ParallelMLP(config)
 
     def _layer_norm(self, norm: FusedLayerNorm, x: torch.Tensor) -> torch.Tensor:
         out = norm(x)

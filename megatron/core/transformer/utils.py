@@ -1,7 +1,8 @@
-"""Helpers for transformer modules: mask fill, GeLU variants, stage-local layer counts."""
+"""Helpers for transformer modules: mask fill, GeLU variants, stage-local layer counts, init RNG streams."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -56,3 +57,33 @@ def get_layer_offset(config: TransformerConfig) -> int:
     if vpp is not None:
         return (vpp_rank or 0) * (config.num_layers // vpp) + pp_rank * local
     return pp_rank * local
+
+
+# Keys of the weight-init streams that are not transformer layers (layers use their global 1-based number).
+WORD_EMBEDDINGS_INIT_KEY = 0
+POSITION_EMBEDDINGS_INIT_KEY = 1_000_001
+TOKENTYPE_EMBEDDINGS_INIT_KEY = 1_000_002
+OUTPUT_LAYER_INIT_KEY = 1_000_003
+
+
+@contextlib.contextmanager
+def init_rng(key: int):
+    """Draw weight inits from a stream derived from (default generator state, ``key``); leave that state as is.
+
+    The base seed is peeked from the default generator without advancing it, and the body runs with
+    the default (CPU and CUDA) generators seeded ``base + key``. So a module's initial weights depend
+    only on the generator state when the model is built and on its key (a transformer layer's global
+    layer number, or one of the ``*_INIT_KEY`` constants) -- not on which pipeline stage builds it or
+    how much other stages drew before. Seed the default generator identically on every rank before
+    building (``megatron.training`` does ``torch.manual_seed(--seed)``); TP-invariance is kept because
+    the full master weight is still drawn and sliced. Dropout streams are untouched.
+    """
+    cuda = torch.cuda.is_available()
+    devices = [torch.cuda.current_device()] if cuda else []
+    with torch.random.fork_rng(devices=devices):
+        base = int(torch.randint(0, 2**62, (1,)).item())  # peek: the state is restored on exit
+        seed = (base + key) % 2**63
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.manual_seed(seed)  # this device only (CUDA is initialised by current_device())
+        yield
