@@ -7,8 +7,11 @@
 """
 
 import os
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from tests.multiprocess import run_distributed
 
@@ -76,7 +79,9 @@ def _body(rank, world, tmp):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("ckpt"))
-    return run_distributed(_body, 4, args=(tmp,), timeout=400)[-1]
+    out = run_distributed(_body, 4, args=(tmp,), timeout=400)[-1]
+    out["tmp"] = tmp
+    return out
 
 
 @pytest.mark.parametrize("prec", ["fp32", "fp16"])
@@ -100,3 +105,59 @@ def test_finetune_and_layout_mismatch(results):
     assert results["finetune_iters"] == 6
     msg = results["mismatch"]
     assert msg is not None and "tensor-parallel size 2" in msg and "tools/checkpoint_util.py" in msg
+
+
+_PLAIN = """
+import argparse, sys
+import numpy, torch
+src, dst = sys.argv[1], sys.argv[2]
+raw = torch.load(src, map_location="cpu", weights_only=False)
+core = getattr(numpy, "_core", None) or numpy.core
+allow = [argparse.Namespace, core.multiarray._reconstruct, numpy.ndarray, numpy.dtype, numpy.dtypes.UInt32DType]
+with torch.serialization.safe_globals(allow):
+    state = torch.load(src, map_location="cpu", weights_only=True)
+assert sorted(raw) == sorted(state)
+assert not [m for m in sys.modules if m.split(".")[0] in ("megatron", "tools")], "megatron was imported"
+torch.save(state, dst)
+"""
+
+
+def _assert_same(a, b, where="state"):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert list(a) == list(b), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    elif hasattr(a, "__array__"):
+        assert (a == b).all(), where
+    elif hasattr(a, "__dict__"):
+        _assert_same(vars(a), vars(b), where)
+    else:
+        assert a == b, where
+
+
+def test_checkpoint_round_trips_through_plain_torch_load(results, tmp_path):
+    from megatron.training.checkpoint_io import safe_load
+
+    for prec in ("fp32", "fp16"):
+        src = os.path.join(results["tmp"], prec, "iter_0000003", "mp_rank_01", "model_optim_rng.pt")
+        dst = str(tmp_path / f"{prec}.pt")
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        run = subprocess.run([sys.executable, "-c", _PLAIN, src, dst], capture_output=True, text=True,
+                             cwd=str(tmp_path), env=env, timeout=120)
+        assert run.returncode == 0, run.stderr[-2000:]
+        original, copied = safe_load(src), safe_load(dst)
+        assert original["checkpoint_version"] == 3.0 and original["iteration"] == 3
+        assert {"model", "optimizer", "opt_param_scheduler", "rng_state", "args"} <= set(original)
+        for field in ("padded_vocab_size", "max_position_embeddings", "hidden_size", "num_layers",
+                      "num_attention_heads", "ffn_hidden_size", "tensor_model_parallel_size",
+                      "pipeline_model_parallel_size", "make_vocab_size_divisible_by", "tokenizer_type",
+                      "bias_gelu_fusion", "openai_gelu", "params_dtype", "seq_length"):
+            assert hasattr(original["args"], field), field
+        assert len(original["rng_state"]) == 2  # one per data-parallel rank
+        _assert_same(original, copied)

@@ -37,8 +37,9 @@ def _write_bpe(folder):
 def _args(tp, **kw):
     from megatron.training.checkpoint_conversion import padded_vocab_size
 
-    base = dict(num_layers=LAYERS, hidden_size=H, ffn_hidden_size=4 * H, num_attention_heads=HEADS, kv_channels=H // HEADS,
-                max_position_embeddings=MAXPOS, seq_length=MAXPOS, true_vocab_size=V, make_vocab_size_divisible_by=DIV,
+    base = dict(num_layers=LAYERS, hidden_size=H, ffn_hidden_size=4 * H, num_attention_heads=HEADS,
+                kv_channels=H // HEADS, max_position_embeddings=MAXPOS, seq_length=MAXPOS, true_vocab_size=V,
+                make_vocab_size_divisible_by=DIV,
                 padded_vocab_size=padded_vocab_size(V, DIV, tp), tensor_model_parallel_size=tp,
                 pipeline_model_parallel_size=1, tokenizer_type="GPT2BPETokenizer", bias_gelu_fusion=True,
                 openai_gelu=False, params_dtype=torch.float32, untie_embeddings_and_output_weights=False,

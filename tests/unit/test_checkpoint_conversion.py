@@ -14,7 +14,7 @@ from megatron.training.checkpoint_conversion import (
     repad_global,
     split_global_checkpoint,
 )
-from megatron.training.checkpoint_io import CheckpointError, save_sharded_checkpoint, safe_load
+from megatron.training.checkpoint_io import CheckpointError, safe_load, save_sharded_checkpoint
 
 H, HEADS, L, FFN, POS, TRUE_V, DIV = 8, 4, 4, 32, 6, 21, 4
 LAYER = ["input_layernorm.weight", "input_layernorm.bias", "self_attention.query_key_value.weight",
