@@ -64,3 +64,30 @@ def test_pipeline_losses_and_grad_norms_equal_pp1(pp1_reference, world, extra):
     # The loss is printed once per iteration, by the last rank only (it is on the last stage).
     assert [r["loss_lines"] for r in results] == [0] * (world - 1) + [10]
     assert [r["valid_lines"] for r in results] == [0] * (world - 1) + [1]
+
+
+@pytest.mark.parametrize("world,extra,message", [
+    (3, ["--pipeline-model-parallel-size", "2"],
+     "world size (3) is not divisible by --tensor-model-parallel-size (1) x --pipeline-model-parallel-size (2)"),
+    (2, ["--pipeline-model-parallel-size", "2", "--num-layers", "3"],
+     "--num-layers (3) must be divisible by --pipeline-model-parallel-size (2)"),
+    (2, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"],
+     "layers per pipeline stage (2) must be divisible by --num-layers-per-virtual-pipeline-stage (3)"),
+    (2, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
+         "--global-batch-size", "6"],
+     "number of micro-batches (3) to be divisible by --pipeline-model-parallel-size (2)"),
+    (1, ["--num-layers-per-virtual-pipeline-stage", "1"], "needs --pipeline-model-parallel-size > 1"),
+])
+def test_bad_pipeline_layouts_are_one_clear_error(world, extra, message):
+    from megatron.training.arguments import ArgumentError, parse_args, validate_args
+
+    with pytest.raises(ArgumentError, match=re.escape(message)):
+        validate_args(parse_args(args_list=TINY + extra), world_size=world)
+
+
+def test_transformer_config_rejects_uneven_split():
+    from megatron.core.transformer import TransformerConfig
+
+    with pytest.raises(ValueError, match=re.escape("--num-layers (3) must be divisible by "
+                                                   "--pipeline-model-parallel-size (2)")):
+        TransformerConfig(num_layers=3, hidden_size=8, num_attention_heads=2, pipeline_model_parallel_size=2)

@@ -79,8 +79,7 @@ def _reference(num_stages, n, scale):
     return [w.grad for w in weights], losses
 
 
-def _run_layout(pp, vpp, n, dealloc=False, forward_only=False):
-    parallel_state.initialize_model_parallel(1, pp, vpp)
+def _run_case(pp, vpp, n, dealloc=False, forward_only=False):
     rank = parallel_state.get_pipeline_model_parallel_rank()
     config = _Config(pipeline_dtype=torch.float64, params_dtype=torch.float64, pipeline_model_parallel_size=pp,
                      virtual_pipeline_model_parallel_size=vpp, deallocate_pipeline_outputs=dealloc)
@@ -116,7 +115,7 @@ def _run_layout(pp, vpp, n, dealloc=False, forward_only=False):
                forward_only=forward_only)
     ref_grads, ref_losses = _reference(pp * (vpp or 1), n, 8.0)
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        assert [float(d["loss"]) for d in out] == pytest.approx([float(v) for v in ref_losses], rel=1e-12)
+        assert [float(d["loss"]) for d in out] == pytest.approx([float(v.detach()) for v in ref_losses], rel=1e-12)
     else:
         assert out == []
     for c, chunk in enumerate(chunks):
@@ -131,18 +130,21 @@ def _run_layout(pp, vpp, n, dealloc=False, forward_only=False):
         for c in range(len(chunks)):
             # Each chunk: no_sync entered before any backward, left right before its last backward.
             assert ("enter", c, 0) in events and ("exit", c, n - 1) in events, events
+
+
+def _run_layout(pp, vpp, cases):
+    parallel_state.initialize_model_parallel(1, pp, vpp)
+    for n, kw in cases:
+        _run_case(pp, vpp, n, **kw)
     parallel_state.destroy_model_parallel()
 
 
 def _body(rank, world):
-    _run_layout(4, None, 6)
-    _run_layout(4, None, 2)  # fewer micro-batches than stages
-    _run_layout(4, None, 5, dealloc=True)
-    _run_layout(4, None, 6, forward_only=True)
-    _run_layout(2, 2, 4)  # interleaved, DP=2
-    _run_layout(2, 2, 2)  # interleaved, micro-batches == stages (all warm-up)
-    _run_layout(2, 3, 6, dealloc=True)
-    _run_layout(2, 2, 4, forward_only=True)
+    # 1F1B at PP=4: more and fewer micro-batches than stages, deallocated outputs, forward-only.
+    _run_layout(4, None, [(6, {}), (2, {}), (5, dict(dealloc=True)), (6, dict(forward_only=True))])
+    # Interleaved at PP=2 (DP=2): micro-batches > stages, == stages (all warm-up), forward-only.
+    _run_layout(2, 2, [(4, {}), (2, {}), (4, dict(forward_only=True))])
+    _run_layout(2, 3, [(6, dict(dealloc=True))])
     # Interleaving needs num_microbatches % pp == 0, with a clear message.
     parallel_state.initialize_model_parallel(1, 2, 2)
     chunks = [nn.Linear(1, 1) for _ in range(2)]
