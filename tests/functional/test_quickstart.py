@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.mark.slow
 def test_quickstart_runs_green(tmp_path):
     out_dir = tmp_path / "qs"
-    env = dict(os.environ, QUICKSTART_DIR=str(out_dir), OMP_NUM_THREADS="1")
+    env = dict(os.environ, QUICKSTART_DIR=str(out_dir), OMP_NUM_THREADS="1", TRAIN_ITERS="300")
     env.setdefault("VENV", os.path.join(ROOT, ".venv"))  # scripts/setup_env.sh reuses it
     proc = subprocess.run(["bash", os.path.join(ROOT, "examples/quickstart.sh")], capture_output=True, text=True,
                           env=env, timeout=900)
