@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from megatron.core import parallel_state, tensor_parallel
 from megatron.training import global_vars
-from megatron.training.arguments import parse_args, validate_args
+from megatron.training.arguments import ArgumentError, parse_args, validate_args
 from megatron.training.utils import print_rank_0
 
 
@@ -332,6 +332,12 @@ def initialize_megatron(extra_args_provider: Optional[Callable] = None, args_def
     Flag mistakes raise :class:`megatron.training.arguments.ArgumentError` before any distributed work.
     """
     args = parse_args(extra_args_provider, args_list)
+    if args.use_checkpoint_args:
+        if args.load is None:
+            raise ArgumentError("--use-checkpoint-args needs --load DIR (the checkpoint to read the model flags from)")
+        from megatron.training.checkpointing import load_args_from_checkpoint
+
+        load_args_from_checkpoint(args)
     args = validate_args(args, _world_size_hint(), args_defaults)
     global_vars.set_args(args)
     _initialize_distributed(args)

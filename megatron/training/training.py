@@ -27,6 +27,7 @@ from megatron.core.tensor_parallel import set_defaults_if_not_set_tensor_model_p
 from megatron.core.transformer.enums import ModelType
 from megatron.training import global_vars
 from megatron.training.arguments import ArgumentError
+from megatron.training.checkpoint_io import CheckpointError
 from megatron.training.data_samplers import build_pretraining_data_loader
 from megatron.training.initialize import initialize_megatron
 from megatron.training.training_log import TrainingLogger, evaluation_line
@@ -289,7 +290,7 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
         print_datetime("after model, optimizer, and learning rate scheduler are built")
         train_it, valid_it, test_it = build_train_valid_test_data_iterators(train_valid_test_dataset_provider)
         print_datetime("after dataloaders are built")
-    except ArgumentError as err:
+    except (ArgumentError, CheckpointError) as err:
         print(f"{sys.argv[0]}: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     history: Dict[str, list] = {"iteration": [], "lm loss": []}
