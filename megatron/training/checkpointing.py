@@ -227,7 +227,10 @@ def _load_optimizer(model, optimizer, opt_param_scheduler, state, path) -> None:
                               "load with --no-load-optim or reshard with tools/checkpoint_util.py")
     optimizer.load_state_dict(state["optimizer"])
     if opt_param_scheduler is not None and "opt_param_scheduler" in state:
-        opt_param_scheduler.load_state_dict(state["opt_param_scheduler"])
+        try:
+            opt_param_scheduler.load_state_dict(state["opt_param_scheduler"])
+        except ValueError as err:  # a changed schedule flag: say which, and how to proceed
+            raise CheckpointError(f"{path}: {err}") from None
 
 
 def load_checkpoint(model, optimizer, opt_param_scheduler, load_arg: str = "load", strict: bool = True,

@@ -26,7 +26,8 @@ def test_resume_with_model_flags_from_checkpoint(tmp_path):
     first = run_distributed(_pretrain, 1, args=(common + ["--train-iters", "2", "--save", save],), timeout=180)[0]
     assert first["iteration"] == [1, 2]
     # The second run names no model size at all: TINY without them, plus --use-checkpoint-args.
-    flags = _without_model_flags(TINY) + common + ["--train-iters", "3", "--load", save, "--use-checkpoint-args"]
+    flags = _without_model_flags(TINY) + common + ["--train-iters", "3", "--load", save, "--use-checkpoint-args",
+                                                      "--use-checkpoint-opt_param-scheduler"]
     assert "--hidden-size" not in flags
     second = run_distributed(_resume_without_tiny, 1, args=(flags,), timeout=180)[0]
     assert second["iteration"] == [3] and second["lm loss"][0] > 0
