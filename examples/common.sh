@@ -43,7 +43,7 @@ GPT_ARGS=(
   --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN" --num-attention-heads "$HEADS"
   --seq-length "$SEQ" --max-position-embeddings "$SEQ"
   --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" --train-iters "$TRAIN_ITERS"
-  --lr "$LR" --min-lr "${MIN_LR:-1e-5}" --lr-decay-style cosine --lr-warmup-iters "${WARMUP_ITERS:-10}"
+  --lr "$LR" --min-lr "${MIN_LR:-1e-5}" --lr-decay-style cosine --lr-warmup-iters "${WARMUP_ITERS:-$(( TRAIN_ITERS / 10 ))}"
   --weight-decay 0.1 --clip-grad 1.0
   --log-interval "${LOG_INTERVAL:-10}" --eval-interval "${EVAL_INTERVAL:-1000}" --eval-iters "${EVAL_ITERS:-5}"
   --distributed-timeout-minutes "${DIST_TIMEOUT_MIN:-10}"
