@@ -53,7 +53,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={d}/munge.socket.2
+AuthInfo=socket={d}/munge.socket.2,cred_expire=10
 StateSaveLocation={d}/state
 SlurmdSpoolDir={d}/spool-%n
 SlurmctldPidFile={d}/slurmctld.pid
@@ -181,3 +181,52 @@ def test_sbatch_job_completes_with_falling_loss(slurm_cluster, launch, ntasks_pe
     curve = losses(text)
     assert sorted(curve) == [5, 10, 15, 20, 25, 30], text[-3000:]
     assert curve[30] < curve[5] - 0.5, curve
+
+
+@pytest.mark.slow
+def test_usr1_preemption_saves_requeues_and_resumes(slurm_cluster, tmp_path):
+    """SLURM's warning signal (as --signal=USR1@... sends it, to every step process): the torchrun-launched
+    ranks save at the next step and exit 0, the batch script requeues the job, and the requeued run resumes
+    from the checkpoint to the end."""
+    env, d = slurm_cluster
+    ckpt = tmp_path / "ckpt"
+    job_env = dict(env, MODEL_SIZE="tiny", MOCK_DATA="1", VOCAB_SIZE="200", TP="2", TRAIN_ITERS="80", LR="3e-3",
+                   WARMUP_ITERS="0", MICRO_BATCH="2", GLOBAL_BATCH="8", LOG_INTERVAL="1", EVAL_ITERS="0",
+                   GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1", LAUNCH="torchrun", CHECKPOINT_PATH=str(ckpt),
+                   PY=os.path.join(ROOT, ".venv/bin/python") if os.path.exists(os.path.join(ROOT, ".venv/bin/python"))
+                   else shutil.which("python3"), PYTHONPATH=ROOT, DIST_TIMEOUT_MIN="1",
+                   EXTRA_ARGS="--hidden-dropout 0 --attention-dropout 0")
+    log = f"{d}/job-preempt.out"
+    out = subprocess.run([_which("sbatch"), "--parsable", "--nodes=2", "--ntasks-per-node=1", "--overcommit",
+                          f"--output={log}", "--time=10", os.path.join(ROOT, "examples/pretrain_gpt_slurm.sbatch")],
+                         capture_output=True, text=True, env=job_env, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.strip().split(";")[0]
+    end = time.monotonic() + 120
+    while time.monotonic() < end and len(losses(open(log).read() if os.path.exists(log) else "")) < 5:
+        time.sleep(0.2)
+    sent = subprocess.run([_which("scancel"), "--signal=USR1", job_id], capture_output=True, text=True, env=env,
+                          timeout=30)
+    assert sent.returncode == 0, sent.stderr
+    end = time.monotonic() + 240
+    state = ""
+    while time.monotonic() < end:
+        info = subprocess.run([_which("scontrol"), "show", "job", job_id], capture_output=True, text=True, env=env,
+                              timeout=30).stdout
+        state = (re.search(r"JobState=(\S+)", info) or [None, ""])[1]
+        restarts = int((re.search(r"Restarts=(\d+)", info) or [None, "0"])[1])
+        if state == "COMPLETED" or state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            break
+        time.sleep(0.5)
+    text = open(log).read()
+    assert state == "COMPLETED" and restarts == 1, f"{state} restarts={restarts}\n{text[-4000:]}"
+    stopped = re.search(r"exiting program at iteration (\d+): received a termination signal", text)
+    assert stopped, text[-4000:]
+    assert f"pre-empted): requeueing job {job_id}" in text
+    assert "(restart 1)" in text
+    # The second run loaded the checkpoint and trained only the remaining iterations.
+    second = text.split("(restart 1)")[1]
+    assert "iteration       80/      80" in second
+    assert re.search(rf"iteration\s+{int(stopped.group(1)) + 1}/\s+80 \|", second), second[-3000:]
+    assert not re.search(r"iteration\s+1/\s+80 \|", second)
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "80"
