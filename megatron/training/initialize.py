@@ -167,6 +167,8 @@ class JobLivenessMonitor:
 
     def _read_counters(self, ranks: List[int]) -> List[int]:
         keys = [_hb_key(r) for r in ranks]
+        if self.store.check(keys):  # the usual case once every rank has started: two round trips in all
+            return [int(v) for v in self.store.multi_get(keys)]
         present = [k for k in keys if self.store.check([k])]
         values = dict(zip(present, self.store.multi_get(present))) if present else {}
         return [int(values[k]) if k in values else 0 for k in keys]
