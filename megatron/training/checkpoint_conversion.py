@@ -31,6 +31,7 @@ from megatron.training.checkpoint_io import (
     read_tracker,
     safe_load,
 )
+from megatron.training.tokenizer.tokenizer import vocab_size_with_padding
 
 logger = logging.getLogger(__name__)
 
@@ -175,10 +176,8 @@ def load_global_checkpoint(load_dir: str, iteration: Optional[int] = None) -> Gl
                             opt_param_scheduler=first.get("opt_param_scheduler"), extra=extra)
 
 
-def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:
-    """Megatron's padding: a multiple of ``divisible_by * tp``."""
-    multiple = divisible_by * tp
-    return ((vocab + multiple - 1) // multiple) * multiple
+# Megatron's padding (a multiple of divisible_by * tp); one implementation, shared with training.
+padded_vocab_size = vocab_size_with_padding
 
 
 def repad_vocab(tensor: torch.Tensor, true_vocab: int, new_rows: int, fill_last_row: bool = True) -> torch.Tensor:
