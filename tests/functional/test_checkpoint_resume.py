@@ -6,6 +6,8 @@
 * --finetune starts at iteration 0 from the saved weights; a TP mismatch is one clear error.
 """
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -45,7 +47,6 @@ def _losses(hist):
 def _body(rank, world, tmp):
     import torch.distributed as dist
 
-    from megatron.training.checkpoint_io import CheckpointError
 
     root = __import__("tools.checkpoint_util", fromlist=["reshard"])
     out = {}
@@ -68,11 +69,13 @@ def _body(rank, world, tmp):
     out["tp4"] = _losses(_pretrain(["--tensor-model-parallel-size", "4", "--load", d4, "--no-load-rng"]))
     # --finetune: weights only, iteration 0 -> trains all 6 iterations.
     out["finetune_iters"] = len(_pretrain(tp2 + ["--load", src, "--finetune"])["iteration"])
-    try:
-        _pretrain(["--load", src])
+    stderr = io.StringIO()
+    try:  # pretrain turns the CheckpointError into one stderr line and exit status 2
+        with contextlib.redirect_stderr(stderr):
+            _pretrain(["--load", src])
         out["mismatch"] = None
-    except CheckpointError as err:
-        out["mismatch"] = str(err)
+    except SystemExit as err:
+        out["mismatch"] = stderr.getvalue() if err.code == 2 else f"exit status {err.code}"
     return out
 
 
