@@ -321,6 +321,10 @@ def validate_args(args: argparse.Namespace, world_size: int, defaults: Optional[
         _require(getattr(args, flag) > 0, f"--{flag.replace('_', '-')} must be > 0")
     if args.save_interval is not None:
         _require(args.save_interval > 0, "--save-interval must be > 0")
+    try:  # the model config's own checks (recompute layers, dropout ranges, ...) as one clear line too
+        core_transformer_config_from_args(args)
+    except ValueError as err:
+        raise ArgumentError(str(err)) from None
     return args
 
 
@@ -349,4 +353,6 @@ def core_transformer_config_from_args(args: argparse.Namespace):
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
         sequence_parallel=args.sequence_parallel, use_cpu_initialization=args.use_cpu_initialization,
         params_dtype=args.params_dtype, fp16=args.fp16, bf16=args.bf16,
+        # The residual stream crosses pipeline stages; keep it fp32 when it is fp32.
+        pipeline_dtype=torch.float32 if args.fp32_residual_connection else args.params_dtype,
     )

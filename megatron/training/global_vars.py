@@ -72,7 +72,9 @@ class DistributedSignalHandler:
 
     def signals_received(self) -> List[bool]:
         """Whether each rank got a signal (all-gathered, so every rank takes the same decision)."""
-        flag = torch.tensor([1 if self._received else 0], dtype=torch.int32)
+        from megatron.training.utils import collective_device
+
+        flag = torch.tensor([1 if self._received else 0], dtype=torch.int32, device=collective_device())
         if dist.is_initialized() and dist.get_world_size() > 1:
             flags = [torch.zeros_like(flag) for _ in range(dist.get_world_size())]
             dist.all_gather(flags, flag)

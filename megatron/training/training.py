@@ -31,7 +31,7 @@ from megatron.training.checkpoint_io import CheckpointError
 from megatron.training.data_samplers import build_pretraining_data_loader
 from megatron.training.initialize import initialize_megatron
 from megatron.training.training_log import TrainingLogger, evaluation_line
-from megatron.training.utils import print_datetime, print_rank_0, print_rank_last
+from megatron.training.utils import collective_device, print_datetime, print_rank_0, print_rank_last
 
 
 def get_model(model_provider_func: Callable, model_type=ModelType.encoder_or_decoder,
@@ -218,7 +218,7 @@ def _should_exit(args, iteration: int, start_time: float) -> Optional[str]:
     if handler is not None and any(handler.signals_received()):
         return "received a termination signal (SIGTERM/SIGUSR1)"
     if args.exit_duration_in_mins is not None:
-        elapsed = torch.tensor([(time.time() - start_time) / 60.0])
+        elapsed = torch.tensor([(time.time() - start_time) / 60.0], device=collective_device())
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         if elapsed.item() > args.exit_duration_in_mins:
             return f"exceeded --exit-duration-in-mins {args.exit_duration_in_mins}"
@@ -298,7 +298,8 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
         history = train(forward_step_func, model, optimizer, opt_param_scheduler, train_it, valid_it, start_time)
     finished = history.get("exit_reason") is None
     if finished:
-        if args.save and args.iteration > 0 and not (args.save_interval and args.iteration % args.save_interval == 0):
+        trained = bool(history["iteration"])  # a resume of a finished run has nothing new to save
+        if args.save and trained and not (args.save_interval and args.iteration % args.save_interval == 0):
             _save(args.iteration, model, optimizer, opt_param_scheduler)
         if valid_it is not None and args.eval_iters > 0:
             history["valid"] = evaluate_and_print_results(f"iteration {args.iteration} on validation set",

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.training import global_vars
-from megatron.training.utils import num_floating_point_operations, print_rank_last
+from megatron.training.utils import collective_device, num_floating_point_operations, print_rank_last
 
 
 def evaluation_line(prefix: str, values: Dict[str, float]) -> str:
@@ -61,11 +61,11 @@ def _params_norm(model) -> float:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-    total = torch.zeros(1, dtype=torch.float64)
+    total = torch.zeros(1, dtype=torch.float64, device=collective_device())
     for chunk in model:
         for p in chunk.parameters():
             if param_is_not_tensor_parallel_duplicate(p) and not getattr(p, "shared", False):
-                total += p.detach().double().norm().cpu() ** 2
+                total += p.detach().double().norm().to(total.device) ** 2
     dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
     return float(total.sqrt())
 
@@ -87,13 +87,13 @@ class TrainingLogger:
         args = self.args
         self.skipped += skipped
         if not skipped:
-            self.advanced += 1
-            for key, value in loss_dict.items():
-                v = float(value)
-                if math.isnan(v) or math.isinf(v):
-                    self.nans += 1
-                    continue
-                self.totals[key] = self.totals.get(key, 0.0) + v
+            values = {key: float(value) for key, value in loss_dict.items()}
+            if any(math.isnan(v) or math.isinf(v) for v in values.values()):
+                self.nans += 1  # counted, and kept out of the averages
+            else:
+                self.advanced += 1
+                for key, v in values.items():
+                    self.totals[key] = self.totals.get(key, 0.0) + v
         writer = global_vars.get_tensorboard_writer()
         if writer is not None and iteration % args.tensorboard_log_interval == 0:
             writer.add_scalar("learning-rate", learning_rate, iteration)

@@ -31,6 +31,13 @@ def print_datetime(message: str) -> None:
     print_rank_0(f"[{datetime.now().strftime('%Y-%m-%d %H:%M:%S')}] {message}")
 
 
+def collective_device() -> torch.device:
+    """Device for small tensors passed to collectives: NCCL groups only take CUDA tensors."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def average_losses_across_data_parallel_group(losses: List[torch.Tensor]) -> torch.Tensor:
     """Mean of each loss over the data-parallel group (detached)."""
     averaged = torch.cat([loss.clone().detach().view(1) for loss in losses])

@@ -99,6 +99,8 @@ def test_log_line_is_megatron_format():
     (["--global-batch-size", "3"], "--global-batch-size"),
     (["--fp16", "--bf16"], "mutually exclusive"),
     (["--ffn-hidden-size", "33", "--tensor-model-parallel-size", "2"], "--ffn-hidden-size"),
+    (["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "5"],
+     "--recompute-num-layers"),
 ])
 def test_bad_flags_are_one_clear_error(extra, message):
     from megatron.training.arguments import ArgumentError, parse_args, validate_args
@@ -136,3 +138,30 @@ def test_cli_under_torchrun_prints_megatron_log_lines(tmp_path):
     helptext = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_gpt.py"), "--help"],
                               capture_output=True, text=True, timeout=120, env=env)
     assert helptext.returncode == 0 and "--tensor-model-parallel-size" in helptext.stdout
+
+
+@pytest.mark.parametrize("precision", [["--fp16", "--initial-loss-scale", "4096"], ["--bf16"]], ids=["fp16", "bf16"])
+def test_mixed_precision_with_fp32_residual_trains_at_tp2(precision):
+    hist = _history(2, ["--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "12",
+                        "--tensor-model-parallel-size", "2", "--fp32-residual-connection", "--lr", "3e-3"]
+                    + precision)
+    losses = [v for v in hist["lm loss"] if v is not None]
+    assert len(losses) >= 10 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.05, losses
+
+
+def test_nan_iterations_are_counted_and_kept_out_of_the_average(capsys):
+    from types import SimpleNamespace
+
+    import torch
+
+    from megatron.training.training_log import TrainingLogger
+
+    args = SimpleNamespace(iteration=0, log_interval=3, tensorboard_log_interval=1, log_params_norm=False,
+                           seq_length=8, num_layers=1, hidden_size=8, ffn_hidden_size=32, padded_vocab_size=16,
+                           global_batch_size=2, world_size=1, train_iters=3, consumed_train_samples=6)
+    logger = TrainingLogger(args)
+    for it, loss in enumerate([2.0, float("nan"), 4.0], start=1):
+        logger.record(it, {"lm loss": torch.tensor(loss)}, 1e-3, 1.0, 1.0, None, 0, model=[])
+    line = capsys.readouterr().out
+    assert "lm loss: 3.000000E+00" in line and "number of nan iterations:   1" in line

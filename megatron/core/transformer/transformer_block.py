@@ -102,5 +102,6 @@ class ParallelTransformer(MegatronModule):
                 for layer in self.layers:
                     hidden_states = layer(hidden_states, attention_mask)
         if self.final_layernorm is not None:
-            hidden_states = self.final_layernorm(hidden_states)
+            # With --fp32-residual-connection the stream is fp32; the logits run in params_dtype.
+            hidden_states = self.final_layernorm(hidden_states).to(self.config.params_dtype)
         return hidden_states
