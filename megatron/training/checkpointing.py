@@ -184,16 +184,37 @@ def _resolve_iteration(args, load_dir: str):
     return found
 
 
-def check_checkpoint_args(saved: argparse.Namespace, args: argparse.Namespace, path: str) -> None:
+def _vocab_mismatch(saved: argparse.Namespace, args: argparse.Namespace, path: str, load_dir: str) -> str:
+    """The message for a checkpoint padded for another TP size (or tokenizer) than this run."""
+    tokenizer = global_vars.get_tokenizer()
+    true_vocab = getattr(tokenizer, "vocab_size", None) or getattr(saved, "true_vocab_size", None)
+    tp = getattr(args, "tensor_model_parallel_size", 1)
+    saved_tp = getattr(saved, "tensor_model_parallel_size", "?")
+    divisible = getattr(args, "make_vocab_size_divisible_by", "?")
+    return (f"{path}: the checkpoint's vocabulary is padded to {saved.padded_vocab_size} rows (saved at "
+            f"tensor-parallel size {saved_tp}), but this run pads its tokenizer's {true_vocab} tokens to "
+            f"{args.padded_vocab_size} (--make-vocab-size-divisible-by {divisible} x TP {tp}); re-pad it: "
+            f"python tools/checkpoint_util.py --load {load_dir} --save NEW_DIR --target-tensor-parallel-size {tp} "
+            f"--true-vocab-size {true_vocab if true_vocab else 'N'}")
+
+
+def check_checkpoint_args(saved: argparse.Namespace, args: argparse.Namespace, path: str,
+                          load_dir: Optional[str] = None) -> None:
     """Raise one clear error when the checkpoint's model shape differs from this run's flags."""
     diffs = []
+    load_dir = load_dir or os.path.dirname(os.path.dirname(os.path.dirname(path)))
     for name in _SHAPE_ARGS:
         a, b = getattr(saved, name, None), getattr(args, name, None)
+        if name == "padded_vocab_size":
+            continue  # reported on its own below: the fix is a re-pad, not a model flag
         if a is not None and b is not None and a != b:
             diffs.append(f"--{name.replace('_', '-')} {a} in the checkpoint vs {b} now")
     if diffs:
         raise CheckpointError(f"{path} does not match this model: " + "; ".join(diffs) +
                               " (pass the checkpoint's values, or --use-checkpoint-args)")
+    a, b = getattr(saved, "padded_vocab_size", None), getattr(args, "padded_vocab_size", None)
+    if a is not None and b is not None and a != b:  # only the vocab padding differs: a TP re-pad fixes it
+        raise CheckpointError(_vocab_mismatch(saved, args, path, load_dir))
 
 
 def _load_model(model: List[torch.nn.Module], state: Dict[str, Any], path: str) -> None:
@@ -265,7 +286,7 @@ def load_checkpoint(model, optimizer, opt_param_scheduler, load_arg: str = "load
     print_rank_0(f"loading checkpoint from {load_dir} at iteration {iteration}")
     state = safe_load(path)
     if "args" in state:
-        check_checkpoint_args(state["args"], args, path)
+        check_checkpoint_args(state["args"], args, path, load_dir)
     _load_model(model, state, path)
     fresh = args.finetune or release
     if fresh:
@@ -291,7 +312,12 @@ def load_checkpoint(model, optimizer, opt_param_scheduler, load_arg: str = "load
 
 
 def load_args_from_checkpoint(args: argparse.Namespace, load_arg: str = "load") -> argparse.Namespace:
-    """--use-checkpoint-args: copy the model architecture flags from the checkpoint into ``args``."""
+    """--use-checkpoint-args: fill the model architecture flags the user did not set from the checkpoint.
+
+    A field is taken from the checkpoint only when its current value is None or the parser default, so an
+    explicit non-default value on the command line (e.g. a shorter --seq-length for fine-tuning) wins; a
+    shape flag that then differs from the checkpoint fails at load time with the usual mismatch error.
+    """
     load_dir = getattr(args, load_arg)
     found = _resolve_iteration(args, load_dir)
     if found is None:
@@ -301,7 +327,19 @@ def load_args_from_checkpoint(args: argparse.Namespace, load_arg: str = "load") 
     saved = safe_load(get_checkpoint_name(load_dir, iteration, 0, 0, saved_pp, release)).get("args")
     if saved is None:
         raise CheckpointError(f"--use-checkpoint-args: the checkpoint in {load_dir} stores no args")
+    from megatron.training.arguments import build_parser
+
+    parser = build_parser()
+    kept = []
     for name in _ARCH_ARGS:
-        if getattr(saved, name, None) is not None:
-            setattr(args, name, getattr(saved, name))
+        value = getattr(saved, name, None)
+        if value is None:
+            continue
+        current = getattr(args, name, None)
+        if current is None or current == parser.get_default(name):
+            setattr(args, name, value)
+        elif current != value:
+            kept.append(f"--{name.replace('_', '-')} {current} (checkpoint: {value})")
+    if kept:
+        print_rank_0("--use-checkpoint-args: keeping the values given on the command line: " + ", ".join(kept))
     return args
