@@ -184,7 +184,7 @@ def test_blending_and_per_split_paths(tmp_path):
 
 def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="--data-path"):
-        get_blend_from_list(["0.3", "a", "b"])
+        get_blend_from_list(["0.3", "a", "b", "c"])  # a weight for "a" but not for "c"
     with pytest.raises(ValueError, match="--split"):
         parse_split("a,b", 10)
     with pytest.raises(ValueError, match="no data"):
@@ -195,6 +195,32 @@ def test_clear_errors(tmp_path):
     make_corpus(prefix, 1, seed=0)
     with pytest.raises(ValueError, match="fewer than one sample"):
         build_gpt_datasets(GPTDatasetConfig(random_seed=1, sequence_length=512, blend=([prefix], None), split="1"))
+
+
+def test_get_blend_from_list_megatron_rules():
+    assert get_blend_from_list(None) is None
+    assert get_blend_from_list(["a"]) == (["a"], None)
+    assert get_blend_from_list([" a ", "b"]) == (["a", "b"], None)  # two unweighted prefixes
+    assert get_blend_from_list(["a", "0.5", "b"]) == (["a", "0.5", "b"], None)  # odd: all prefixes
+    assert get_blend_from_list(["1", "a"]) == (["a"], [1.0])
+    assert get_blend_from_list(["0.3", "a ", "0.7", " b"]) == (["a", "b"], [0.3, 0.7])
+    assert get_blend_from_list(["a", "b", "c", "d"]) == (["a", "b", "c", "d"], None)
+
+
+def test_unweighted_prefixes_blend_by_size(tmp_path):
+    pa, pb = str(tmp_path / "a"), str(tmp_path / "b")
+    docs_a = make_corpus(pa, 20, seed=8, lo=0, hi=400)
+    docs_b = make_corpus(pb, 60, seed=9, lo=500, hi=900)
+    blend = get_blend_from_list([pa, pb])
+    assert blend == ([pa, pb], None)
+    cfg = GPTDatasetConfig(random_seed=3, sequence_length=16, blend=blend, split="1,0,0",
+                           train_valid_test_num_samples=[300, None, None], path_to_cache=str(tmp_path / "cache"))
+    train, valid, test = build_gpt_datasets(cfg)
+    assert isinstance(train, BlendedDataset) and len(train) == 300 and valid is None and test is None
+    sizes = numpy.array([sum(map(len, docs_a)), sum(map(len, docs_b))], dtype=numpy.float64)
+    numpy.testing.assert_allclose(train.weights, sizes / sizes.sum(), rtol=1e-12)
+    from_b = sum(int(train[i]["tokens"][train[i]["tokens"] != EOD].min() >= 500) for i in range(300))
+    assert abs(from_b / 300 - sizes[1] / sizes.sum()) < 0.01
 
 
 def _two_rank_body(rank, world_size, prefix, cache):

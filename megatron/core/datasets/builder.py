@@ -15,18 +15,34 @@ SPLIT_NAMES = ("train", "valid", "test")
 
 
 def get_blend_from_list(blend: Optional[Sequence[str]]) -> Optional[Tuple[List[str], Optional[List[float]]]]:
-    """``["a"]`` -> ``(["a"], None)``; ``["0.3", "a", "0.7", "b"]`` -> ``(["a", "b"], [0.3, 0.7])``."""
+    """Parse ``--data-path`` values as Megatron-LM does.
+
+    An odd-length list is all prefixes (weights None). An even-length list is read as ``weight prefix``
+    pairs; if no weight parses as a float, every element is a prefix (weights None), so ``a b`` is two
+    unweighted prefixes (blended in proportion to their sizes). Prefixes are stripped of whitespace.
+
+    Examples: ``["a"]`` -> ``(["a"], None)``; ``["a", "b"]`` -> ``(["a", "b"], None)``;
+    ``["0.3", "a", "0.7", "b"]`` -> ``(["a", "b"], [0.3, 0.7])``.
+
+    Raises:
+        ValueError: some but not all of the even positions are numbers.
+    """
     if not blend:
         return None
-    if len(blend) == 1:
-        return [blend[0]], None
-    if len(blend) % 2 != 0:
-        raise ValueError(f"--data-path takes one prefix or weight/prefix pairs, got {list(blend)}")
-    try:
-        weights = [float(w) for w in blend[0::2]]
-    except ValueError:
-        raise ValueError(f"--data-path: with several prefixes give 'weight prefix' pairs, got {list(blend)}") \
-            from None
+    blend = list(blend)
+    if len(blend) % 2 == 1:
+        return [p.strip() for p in blend], None
+    weights = []
+    for raw in blend[0::2]:
+        try:
+            weights.append(float(raw))
+        except ValueError:
+            weights.append(None)
+    if any(w is None for w in weights):
+        if not all(w is None for w in weights):
+            raise ValueError(f"--data-path: mixes 'weight prefix' pairs with bare prefixes in {blend}; give a "
+                             "weight before every prefix or none at all")
+        return [p.strip() for p in blend], None
     return [p.strip() for p in blend[1::2]], weights
 
 
