@@ -192,9 +192,16 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="eod id"):
         GPTDatasetConfig(random_seed=1, sequence_length=8, blend=(["x"], None), eod_mask_loss=True)
     prefix = str(tmp_path / "tiny")
-    make_corpus(prefix, 1, seed=0)
-    with pytest.raises(ValueError, match="fewer than one sample"):
-        build_gpt_datasets(GPTDatasetConfig(random_seed=1, sequence_length=512, blend=([prefix], None), split="1"))
+    b = IndexedDatasetBuilder(prefix + ".bin", dtype=numpy.uint16)
+    for doc in ([5, 6, 7, EOD], [EOD]):
+        b.add_document(doc)
+    b.finalize(prefix + ".idx")
+    # 2 documents, split 1,1: the test split is the single 1-token document -> nothing to train on.
+    with pytest.raises(ValueError, match=r"^test split of .*tiny holds 1 token.*--split") as err:
+        build_gpt_datasets(GPTDatasetConfig(random_seed=1, sequence_length=8, blend=([prefix], None), split="0,1,1",
+                                            train_valid_test_num_samples=[None, 4, 4],
+                                            path_to_cache=str(tmp_path / "cache")))
+    assert "\n" not in str(err.value)
 
 
 def test_get_blend_from_list_megatron_rules():
@@ -221,6 +228,51 @@ def test_unweighted_prefixes_blend_by_size(tmp_path):
     numpy.testing.assert_allclose(train.weights, sizes / sizes.sum(), rtol=1e-12)
     from_b = sum(int(train[i]["tokens"][train[i]["tokens"] != EOD].min() >= 500) for i in range(300))
     assert abs(from_b / 300 - sizes[1] / sizes.sum()) < 0.01
+
+
+def _fixed_corpus(prefix, lengths, seed):
+    rng = numpy.random.default_rng(seed)
+    docs = [numpy.append(rng.integers(0, EOD, size=n - 1), EOD) if n else numpy.zeros(0, numpy.int64)
+            for n in lengths]
+    b = IndexedDatasetBuilder(prefix + ".bin", dtype=numpy.uint16)
+    for d in docs:
+        b.add_document(d)
+    b.finalize(prefix + ".idx")
+    return docs
+
+
+def test_split_shorter_than_one_sample_tiles_epochs(tmp_path):
+    # 1000 docs of ~33 tokens, --seq-length 128, --split 969,30,1: the test split is 1 document (< 1 sample).
+    prefix = str(tmp_path / "c")
+    rng = numpy.random.default_rng(0)
+    docs = _fixed_corpus(prefix, rng.integers(30, 37, size=1000), seed=1)
+    seq = 128
+    cfg = GPTDatasetConfig(random_seed=2, sequence_length=seq, blend=([prefix], None), split="969,30,1",
+                           train_valid_test_num_samples=[8, 6, 5], path_to_cache=str(tmp_path / "cache"))
+    train, valid, test = build_gpt_datasets(cfg)
+    bounds = parse_split("969,30,1", 1000)
+    assert bounds[3] - bounds[2] == 1 and len(docs[bounds[2]]) < seq + 1
+    assert len(test) >= 5 and test.num_epochs > 1
+    want, _ = reference_samples(docs, list(range(bounds[2], bounds[3])), 5, seq, seed=2)
+    assert len(test) == len(want)
+    for i in range(len(test)):
+        numpy.testing.assert_array_equal(test.query_sample(i), want[i])
+    assert len(train) >= 8 and len(valid) >= 6
+
+
+def test_zero_length_documents(tmp_path):
+    # Empty documents (an empty JSON field in preprocess_data) contribute nothing to the token stream.
+    prefix = str(tmp_path / "z")
+    lengths = [7, 0, 12, 0, 0, 5, 9, 0, 3, 11, 0, 6]
+    docs = _fixed_corpus(prefix, lengths, seed=4)
+    seq = 8
+    cfg = GPTDatasetConfig(random_seed=6, sequence_length=seq, blend=([prefix], None), split="1",
+                           train_valid_test_num_samples=[40, None, None], path_to_cache=str(tmp_path / "cache"))
+    train, _, _ = build_gpt_datasets(cfg)
+    want, _ = reference_samples(docs, list(range(len(lengths))), 40, seq, seed=6)
+    assert len(train) == len(want) >= 40
+    for i in range(len(train)):
+        numpy.testing.assert_array_equal(train.query_sample(i), want[i])
 
 
 def _two_rank_body(rank, world_size, prefix, cache):

@@ -190,10 +190,12 @@ class GPTDataset(torch.utils.data.Dataset):
         self.index_split = index_split
         self.config = config
         self.tokens_per_epoch = int(indexed_dataset.sequence_lengths[self.indices].sum(dtype=numpy.int64))
-        if self.tokens_per_epoch <= config.sequence_length:
-            raise ValueError(f"{dataset_path} ({index_split} split) holds {self.tokens_per_epoch} tokens, fewer "
-                             f"than one sample of --seq-length {config.sequence_length}+1; use more data or "
-                             "change --split")
+        # A split shorter than one sample is fine (Megatron tiles it over many epochs); the sample index only
+        # needs two tokens (one input, one label) to make progress.
+        if self.tokens_per_epoch < 2:
+            raise ValueError(f"{index_split} split of {dataset_path} holds {self.tokens_per_epoch} token(s) in "
+                             f"{len(self.indices)} document(s), need at least 2; give it more documents with "
+                             "--split (or set its weight to 0) or use more data")
         if num_samples is None:
             num_samples = (self.tokens_per_epoch - 1) // config.sequence_length
         self.num_samples = int(num_samples)
