@@ -4,7 +4,8 @@
         --target-tensor-parallel-size 1 --target-pipeline-parallel-size 1
 
 Merges QKV (per-head layout), column and row shards, re-pads the vocabulary for the new TP size
-(needs the true vocabulary size: recorded in checkpoints saved here, else --true-vocab-size), and
+(needs the true vocabulary size: recorded in checkpoints saved here, else --true-vocab-size N or
+--vocab-file vocab.json; without it a re-pad is refused), and
 handles tied embeddings (``word_embeddings_for_head`` on the last stage when PP > 1). Optimizer state
 (Adam moments, fp32 masters, loss scaler) and the scheduler are carried over when the checkpoint names
 its optimizer params (checkpoints saved by this project); RNG states are dropped (load the result
@@ -12,6 +13,7 @@ with --no-load-rng).
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -34,6 +36,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--iteration", type=int, default=None, help="Iteration to convert (default: latest).")
     p.add_argument("--true-vocab-size", type=int, default=None,
                    help="Unpadded vocabulary size (when the checkpoint does not record it).")
+    p.add_argument("--vocab-file", default=None,
+                   help="GPT-2 vocab.json: its entry count is the unpadded vocabulary size.")
     p.add_argument("--no-optim", action="store_true", help="Drop the optimizer and scheduler state.")
     return p
 
@@ -50,12 +54,28 @@ def reshard(load: str, save: str, tp: int, pp: int, iteration=None, true_vocab_s
     save_sharded_checkpoint(save, ckpt.iteration, shards, pp, release=ckpt.release)
 
 
+def count_vocab(vocab_file: str) -> int:
+    """Entries of a GPT-2 ``vocab.json`` (the tokenizer's unpadded vocabulary size)."""
+    try:
+        with open(vocab_file, encoding="utf-8") as f:
+            return len(json.load(f))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"--vocab-file {vocab_file}: cannot read it as a vocab.json ({err})") from None
+
+
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     try:
+        true_vocab = args.true_vocab_size
+        if args.vocab_file:
+            if true_vocab is not None:
+                raise CheckpointError("give --true-vocab-size or --vocab-file, not both")
+            true_vocab = count_vocab(args.vocab_file)
+        if true_vocab is not None and true_vocab <= 0:
+            raise CheckpointError(f"--true-vocab-size must be > 0 (got {true_vocab})")
         reshard(args.load, args.save, args.target_tensor_parallel_size, args.target_pipeline_parallel_size,
-                args.iteration, args.true_vocab_size, args.no_optim)
-    except CheckpointError as err:
+                args.iteration, true_vocab, args.no_optim)
+    except (CheckpointError, OSError) as err:
         print(f"checkpoint_util.py: error: {err}", file=sys.stderr)
         return 2
     print(f"saved TP={args.target_tensor_parallel_size} PP={args.target_pipeline_parallel_size} checkpoint "

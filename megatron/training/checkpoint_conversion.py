@@ -171,7 +171,9 @@ def load_global_checkpoint(load_dir: str, iteration: Optional[int] = None) -> Gl
     elif "optimizer" in first:
         logger.warning("%s: optimizer state has no param names (not saved by this project); dropping it", load_dir)
     extra = {k: first[k] for k in ("consumed_train_samples", "consumed_valid_samples") if k in first}
-    return GlobalCheckpoint(args=copy.copy(first["args"]), model=model, iteration=int(first.get("iteration", 0)),
+    args = copy.copy(first["args"])
+    args.tensor_model_parallel_size, args.pipeline_model_parallel_size = tp, pp  # the layout on disk
+    return GlobalCheckpoint(args=args, model=model, iteration=int(first.get("iteration", 0)),
                             release=release, optimizer=optim, optimizer_extra=extra_opt,
                             opt_param_scheduler=first.get("opt_param_scheduler"), extra=extra)
 
@@ -207,13 +209,23 @@ def repad_global(ckpt: GlobalCheckpoint, target_tp: int, true_vocab: Optional[in
     args = ckpt.args
     old = ckpt.model[WORD_EMB].shape[0]
     true_vocab = true_vocab or true_vocab_size(args)
+    divisible = int(getattr(args, "make_vocab_size_divisible_by", None) or 128)
     if true_vocab is None:
-        new = old if old % target_tp == 0 else None
-        if new is None:
-            raise CheckpointError(f"padded vocabulary {old} does not split over TP={target_tp} and the checkpoint does "
-                                  "not record the true vocabulary size; pass --true-vocab-size N")
+        # The true size lies in (old - divisible * source_tp, old]; without it the padding can only stay as is,
+        # and only when that is exactly what the target TP would compute for every possible true size.
+        source_tp = int(getattr(args, "tensor_model_parallel_size", None) or 1)
+        lowest = max(1, old - divisible * source_tp + 1)
+        if padded_vocab_size(lowest, divisible, target_tp) != old:
+            raise CheckpointError(
+                f"the checkpoint does not record its true vocabulary size, and its {old} padded rows (TP={source_tp}, "
+                f"--make-vocab-size-divisible-by {divisible}) need re-padding for TP={target_tp}; pass "
+                "--true-vocab-size N (or --vocab-file vocab.json to count it)")
+        new = old
     else:
-        new = padded_vocab_size(true_vocab, getattr(args, "make_vocab_size_divisible_by", 128), target_tp)
+        if true_vocab > old:
+            raise CheckpointError(f"--true-vocab-size {true_vocab} exceeds the checkpoint's {old} vocabulary rows")
+        new = padded_vocab_size(true_vocab, divisible, target_tp)
+        args.true_vocab_size = true_vocab
     if new != old:
         for key in _VOCAB_KEYS:
             if key in ckpt.model:

@@ -137,3 +137,41 @@ def test_bad_targets_are_clear_errors():
     ckpt.args.true_vocab_size = None
     with pytest.raises(CheckpointError, match="--true-vocab-size"):
         repad_global(ckpt, 5)
+
+
+def test_unknown_true_vocab_refuses_a_repad_and_the_flags_fix_it(tmp_path, capsys):
+    """A Megatron-LM checkpoint stores no true vocab size: TP=4 (32 rows) -> TP=1 must not keep 32 rows
+    (training at TP=1 pads 21 tokens to 24); the tool refuses in one line until told the size."""
+    import json
+
+    from megatron.training.tokenizer import vocab_size_with_padding
+    from tools.checkpoint_util import main
+
+    ckpt = _global(tied=False, tp=4)
+    del ckpt.args.true_vocab_size
+    emb = ckpt.model["language_model.embedding.word_embeddings.weight"].clone()
+    src = str(tmp_path / "src")
+    save_sharded_checkpoint(src, 5, split_global_checkpoint(ckpt, 4, 1), 1)
+    base = ["--load", src, "--target-tensor-parallel-size", "1"]
+    assert main(base + ["--save", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--true-vocab-size" in err and "--vocab-file" in err and "TP=1" in err
+    assert not (tmp_path / "x").exists()
+    vocab = tmp_path / "vocab.json"
+    vocab.write_text(json.dumps({f"t{i}": i for i in range(TRUE_V)}))
+    for name, flags in (("a", ["--true-vocab-size", str(TRUE_V)]), ("b", ["--vocab-file", str(vocab)])):
+        assert main(base + ["--save", str(tmp_path / name)] + flags) == 0
+        back = load_global_checkpoint(str(tmp_path / name))
+        new = back.model["language_model.embedding.word_embeddings.weight"]
+        assert new.shape[0] == back.args.padded_vocab_size == vocab_size_with_padding(TRUE_V, DIV, 1) == 24
+        assert torch.equal(new[:TRUE_V], emb[:TRUE_V]) and back.args.true_vocab_size == TRUE_V
+    # Unknown size but the padding is already right for the target (24 rows = multiple of 4 * 2 for any 21..24).
+    ckpt1 = _global(tied=True, tp=1)
+    del ckpt1.args.true_vocab_size
+    repad_global(ckpt1, 2)
+    assert ckpt1.args.padded_vocab_size == 24 == vocab_size_with_padding(TRUE_V, DIV, 2)
+    # A missing checkpoint directory is one line too, not a traceback.
+    assert main(["--load", str(tmp_path / "nope"), "--save", str(tmp_path / "y"),
+                 "--target-tensor-parallel-size", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nope" in err and "Traceback" not in err
