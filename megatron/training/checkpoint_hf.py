@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 from typing import Dict, Optional, Tuple
@@ -17,6 +18,8 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from megatron.training.checkpoint_io import CheckpointError
+
+logger = logging.getLogger(__name__)
 
 _TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 _L = "language_model.encoder.layers.{}."
@@ -46,7 +49,14 @@ def megatron_to_hf(model: Dict[str, torch.Tensor], args: argparse.Namespace,
     """Global Megatron tensors -> (HF GPT2LMHeadModel state dict, config.json dict); vocab rows trimmed."""
     if getattr(args, "apply_residual_connection_post_layernorm", False):
         raise CheckpointError("--apply-residual-connection-post-layernorm models have no GPT-2 equivalent")
-    heads, layers = int(args.num_attention_heads), int(args.num_layers)
+    heads, layers, hidden = int(args.num_attention_heads), int(args.num_layers), int(args.hidden_size)
+    kv = getattr(args, "kv_channels", None)
+    qkv_rows = model[_L.format(0) + "self_attention.query_key_value.weight"].shape[0] if layers else 3 * hidden
+    if (kv is not None and int(kv) * heads != hidden) or qkv_rows != 3 * hidden:
+        head_dim = int(kv) if kv is not None else qkv_rows // (3 * heads)
+        raise CheckpointError(f"--kv-channels {head_dim} x --num-attention-heads {heads} = {head_dim * heads} differs "
+                              f"from --hidden-size {hidden}; Hugging Face GPT-2 needs heads * head dim == hidden size, "
+                              "so this model cannot be exported")
     sd = {"transformer.wte.weight": model["language_model.embedding.word_embeddings.weight"][:vocab_size],
           "transformer.wpe.weight": model["language_model.embedding.position_embeddings.weight"]}
     for i in range(layers):
@@ -68,7 +78,10 @@ def megatron_to_hf(model: Dict[str, torch.Tensor], args: argparse.Namespace,
     if not tied:
         sd["lm_head.weight"] = model["language_model.output_layer.weight"][:vocab_size]
     sd = {k: v.detach().contiguous().clone() for k, v in sd.items()}
-    hidden = int(args.hidden_size)
+    dtype = sd["transformer.wte.weight"].dtype  # config.json's torch_dtype: what the tensors are stored in
+    mixed = sorted({str(v.dtype) for v in sd.values() if v.dtype != dtype})
+    if mixed:
+        logger.warning("exported tensors mix %s with %s; config.json says %s", dtype, mixed, dtype)
     config = {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": vocab_size,
         "n_positions": int(args.max_position_embeddings), "n_ctx": int(args.max_position_embeddings),
@@ -78,7 +91,8 @@ def megatron_to_hf(model: Dict[str, torch.Tensor], args: argparse.Namespace,
         "layer_norm_epsilon": float(getattr(args, "layernorm_epsilon", 1e-5)),
         "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "initializer_range": 0.02,
         "scale_attn_weights": True, "tie_word_embeddings": tied,
-        "bos_token_id": vocab_size - 1, "eos_token_id": vocab_size - 1, "torch_dtype": "float32",
+        "bos_token_id": vocab_size - 1, "eos_token_id": vocab_size - 1,
+        "torch_dtype": str(dtype).replace("torch.", ""),  # the exported tensors' dtype
     }
     return sd, config
 

@@ -173,3 +173,32 @@ def test_hf_ours_hf_round_trip_is_identical(tmp_path):
             assert torch.equal(a[k], b[k]), k
         back_cfg = json.load(open(tmp_path / f"back{tied}" / "config.json"))
         assert back_cfg["activation_function"] == "gelu" and back_cfg["tie_word_embeddings"] == tied
+
+
+def test_export_dtype_and_kv_channels_checks(tmp_path):
+    """config.json's torch_dtype is the tensors' dtype (Transformers then loads bf16); a head dim that does not
+    tile the hidden size is refused with the flag named instead of writing an unloadable model."""
+    from safetensors.torch import save_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from megatron.training.checkpoint_conversion import load_global_checkpoint
+    from megatron.training.checkpoint_hf import megatron_to_hf
+    from megatron.training.checkpoint_io import CheckpointError
+    from tools.convert_hf_to_checkpoint import convert
+
+    cfg = GPT2Config(vocab_size=V, n_positions=MAXPOS, n_embd=H, n_layer=1, n_head=HEADS)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "src")
+    convert(str(tmp_path / "src"), str(tmp_path / "ck"), divisible_by=DIV)
+    ckpt = load_global_checkpoint(str(tmp_path / "ck"))
+    for dtype, name in ((torch.float32, "float32"), (torch.bfloat16, "bfloat16"), (torch.float16, "float16")):
+        sd, config = megatron_to_hf({k: v.to(dtype) for k, v in ckpt.model.items()}, ckpt.args, V)
+        assert config["torch_dtype"] == name and {v.dtype for v in sd.values()} == {dtype}
+    out = tmp_path / "bf16"
+    sd, config = megatron_to_hf({k: v.to(torch.bfloat16) for k, v in ckpt.model.items()}, ckpt.args, V)
+    out.mkdir()
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config))
+    assert GPT2LMHeadModel.from_pretrained(out, torch_dtype="auto").transformer.wte.weight.dtype == torch.bfloat16
+    ckpt.args.kv_channels = 2 * H // HEADS  # heads * kv = 2 * hidden
+    with pytest.raises(CheckpointError, match="--kv-channels 16 x --num-attention-heads 4 = 64 .*--hidden-size 32"):
+        megatron_to_hf(ckpt.model, ckpt.args, V)
