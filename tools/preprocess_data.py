@@ -9,7 +9,9 @@ Example::
 
 Lines are read in bounded chunks, tokenized by ``--workers`` processes and written in input order,
 so memory stays bounded on inputs of any size. Outputs appear under their final names only when
-complete. Documents whose text tokenizes to nothing are skipped (as in Megatron-LM).
+complete. Document i of every key's dataset comes from (non-blank, valid) input line i: a field that
+tokenizes to nothing is written as a zero-length document, so the keys stay aligned (the GPT dataset
+reads zero-length documents as contributing no tokens).
 """
 
 import argparse
@@ -54,7 +56,10 @@ class Encoder:
             text = obj.get(key)
             if not isinstance(text, str):
                 return None, f"key {key!r} is missing or not a string (see --json-keys)"
-            ids = self.tokenizer.tokenize(text)
+            try:
+                ids = self.tokenizer.tokenize(text)
+            except Exception as e:  # the line's content made the tokenizer fail: report the line
+                return None, f"key {key!r} could not be tokenized ({type(e).__name__}: {e})"
             if ids and self.append_eod:
                 ids.append(self.tokenizer.eod)
             out[key] = numpy.asarray(ids, dtype=self.dtype)
@@ -128,10 +133,8 @@ def run(args):
                     raise ValueError(f"--input {args.input} line {first + i}: {err}; fix the line or pass "
                                      "--skip-invalid-lines")
                 for key, ids in out.items():
-                    if ids.size == 0:
-                        empty += 1
-                        continue
-                    builders[key].add_document(ids, [ids.size])
+                    empty += int(ids.size == 0)
+                    builders[key].add_document(ids, [ids.size])  # zero-length too: keys stay aligned
                 docs += 1
                 if docs % args.log_interval == 0:
                     elapsed = max(time.time() - start, 1e-9)
@@ -148,7 +151,7 @@ def run(args):
                    seconds=elapsed, outputs=list(prefixes.values()))
     print(f"Done: {docs} documents, {nbytes / 1024 ** 2:.2f} MB in {elapsed:.2f} s "
           f"({docs / elapsed:.1f} docs/s, {nbytes / elapsed / 1024 ** 2:.2f} MB/s); "
-          f"skipped {skipped} invalid lines, {empty} empty documents. Wrote "
+          f"skipped {skipped} invalid lines, {empty} empty (zero-length) documents. Wrote "
           + ", ".join(p + ".bin/.idx" for p in prefixes.values()), file=sys.stderr, flush=True)
     return summary
 

@@ -10,6 +10,7 @@ import pytest
 
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.training.tokenizer import GPT2BPETokenizer
+from tests.unit.test_gpt_dataset import reference_samples
 from tests.unit.test_tokenizer import ROOT, load_train_tokenizer_tool, write_corpus_jsonl
 
 pytest.importorskip("tokenizers")
@@ -45,7 +46,7 @@ def test_preprocess_two_workers_end_to_end(tmp_path, tok_files):
 
     texts = list(pydoc_data.topics.topics.values())[:40]
     records = [{"text": t, "title": t[:30]} for t in texts]
-    records.insert(5, {"text": "", "title": "empty text"})  # empty document: skipped for "text" only
+    records.insert(5, {"text": "", "title": "empty text"})  # zero-length "text" document keeps keys aligned
     records.insert(9, {"text": "émoji 🎉 and 中文", "title": "x"})
     inp = _jsonl(tmp_path / "in.jsonl", records * 3)  # > several chunks, so ordering across workers matters
     tool = load_preprocess_tool()
@@ -57,7 +58,7 @@ def test_preprocess_two_workers_end_to_end(tmp_path, tok_files):
     tok = GPT2BPETokenizer(vocab, merges, engine="reference")
     for key in ("text", "title"):
         ds = IndexedDataset(str(tmp_path / "out" / f"corpus_{key}_document"))
-        expected = [tok.reference.encode(r[key]) + [tok.eod] for r in records * 3 if r[key]]
+        expected = [tok.reference.encode(r[key]) + [tok.eod] if r[key] else [] for r in records * 3]
         assert ds.dtype == numpy.uint16
         assert len(ds) == len(expected) and list(ds.document_indices) == list(range(len(expected) + 1))
         for i, ids in enumerate(expected):
@@ -87,3 +88,51 @@ def test_preprocess_bad_tokenizer_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="--vocab-file"):
         tool.main(["--input", inp, "--output-prefix", str(tmp_path / "o"), "--tokenizer-type", "GPT2BPETokenizer",
                    "--vocab-file", str(tmp_path / "none.json"), "--merge-file", str(tmp_path / "none.txt")])
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_preprocess_tokenizer_error_is_a_line_error(tmp_path, capsys, workers):
+    # NullTokenizer raises ValueError on "4 x 5": reported like malformed JSON (file and line), or skipped.
+    tool = load_preprocess_tool()
+    inp = _jsonl(tmp_path / "in.jsonl", [{"text": "1 2"}, {"text": "3"}, {"text": "4 x 5"}, {"text": "6 7"}])
+    common = ["--input", inp, "--tokenizer-type", "NullTokenizer", "--vocab-size", "100", "--workers", workers]
+    with pytest.raises(ValueError) as err:
+        tool.main(common + ["--output-prefix", str(tmp_path / "bad")])
+    msg = str(err.value)
+    assert msg.startswith("--input ") and "\n" not in msg
+    assert "in.jsonl line 3: key 'text' could not be tokenized (ValueError: NullTokenizer" in msg
+    assert "--skip-invalid-lines" in msg
+    assert os.listdir(tmp_path) == ["in.jsonl"]
+    summary = tool.main(common + ["--output-prefix", str(tmp_path / "ok"), "--skip-invalid-lines"])
+    assert summary["skipped_invalid_lines"] == 1 and summary["documents"] == 3
+    ds = IndexedDataset(str(tmp_path / "ok_text_document"))
+    assert [ds[i].tolist() for i in range(len(ds))] == [[1, 2], [3], [6, 7]]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_preprocess_empty_field_keeps_keys_aligned(tmp_path, workers):
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, build_gpt_datasets
+
+    tool = load_preprocess_tool()
+    records = [{"a": "1 2", "b": "3"}, {"a": "", "b": "4 5"}, {"a": "6", "b": ""}, {"a": "7 8 9", "b": "10"},
+               {"a": "", "b": ""}, {"a": "11", "b": "12 13"}] * 15  # several chunks
+    inp = _jsonl(tmp_path / "in.jsonl", records)
+    summary = tool.main(["--input", inp, "--output-prefix", str(tmp_path / "o"), "--json-keys", "a", "b",
+                         "--tokenizer-type", "NullTokenizer", "--vocab-size", "100", "--append-eod",
+                         "--workers", workers])
+    assert summary["documents"] == len(records) and summary["empty_documents"] == 4 * 15
+    for key in ("a", "b"):
+        ds = IndexedDataset(str(tmp_path / f"o_{key}_document"))
+        want = [[int(x) for x in r[key].split()] + ([100] if r[key] else []) for r in records]
+        assert len(ds) == len(records) and list(ds.document_indices) == list(range(len(records) + 1))
+        assert [ds[i].tolist() for i in range(len(ds))] == want
+    # The GPT dataset reads the zero-length documents as contributing no tokens.
+    prefix = str(tmp_path / "o_a_document")
+    train, _, _ = build_gpt_datasets(GPTDatasetConfig(random_seed=1, sequence_length=4, blend=([prefix], None),
+                                                      split="1", path_to_cache=str(tmp_path / "cache")))
+    docs = [numpy.array([int(x) for x in r["a"].split()] + ([100] if r["a"] else []), dtype=numpy.int64)
+            for r in records]
+    want, _ = reference_samples(docs, list(range(len(docs))), (sum(map(len, docs)) - 1) // 4, 4, seed=1)
+    assert len(train) == len(want)
+    for i in range(len(train)):
+        numpy.testing.assert_array_equal(train.query_sample(i), want[i])
