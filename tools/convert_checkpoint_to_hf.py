@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         return 2
     try:
         export(args.load, args.output, args.iteration, args.vocab_file, args.merge_file)
-    except CheckpointError as err:
+    except (CheckpointError, OSError) as err:  # user mistakes: one line, no traceback
         print(f"convert_checkpoint_to_hf.py: error: {err}", file=sys.stderr)
         return 2
     print(f"saved Hugging Face GPT2LMHeadModel to {args.output}")

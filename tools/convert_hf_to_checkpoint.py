@@ -36,6 +36,8 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def _read_hf(folder: str):
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"--hf {folder}: no such folder")
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"--hf {folder}: no config.json")
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
     try:
         convert(args.hf, args.save, args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                 args.make_vocab_size_divisible_by)
-    except CheckpointError as err:
+    except (CheckpointError, OSError) as err:  # user mistakes: one line, no traceback
         print(f"convert_hf_to_checkpoint.py: error: {err}", file=sys.stderr)
         return 2
     print(f"saved release checkpoint to {args.save}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -127,6 +128,8 @@ def _global_name(local: str, offset: int) -> str:
 
 def load_global_checkpoint(load_dir: str, iteration: Optional[int] = None) -> GlobalCheckpoint:
     """Read every (tp, pp) file of a checkpoint and merge them into full tensors."""
+    if not os.path.isdir(load_dir):
+        raise CheckpointError(f"--load {load_dir}: no such checkpoint directory")
     if iteration is None:
         found = read_tracker(load_dir)
         if found is None:

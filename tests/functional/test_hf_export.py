@@ -202,3 +202,26 @@ def test_export_dtype_and_kv_channels_checks(tmp_path):
     ckpt.args.kv_channels = 2 * H // HEADS  # heads * kv = 2 * hidden
     with pytest.raises(CheckpointError, match="--kv-channels 16 x --num-attention-heads 4 = 64 .*--hidden-size 32"):
         megatron_to_hf(ckpt.model, ckpt.args, V)
+
+
+def test_converter_mistakes_are_one_line(tmp_path, capsys):
+    """Missing folders/files and unwritable outputs end as one stderr line with status 2, not a traceback."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tools.convert_checkpoint_to_hf import main as to_hf
+    from tools.convert_hf_to_checkpoint import main as from_hf
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=MAXPOS, n_embd=H, n_layer=1, n_head=HEADS)).save_pretrained(
+        tmp_path / "src")
+    (tmp_path / "file").write_text("x")
+    assert from_hf(["--hf", str(tmp_path / "src"), "--save", str(tmp_path / "ck")]) == 0
+    capsys.readouterr()
+    for main, argv, needle in (
+            (from_hf, ["--hf", str(tmp_path / "missing"), "--save", str(tmp_path / "x")], "missing"),
+            (from_hf, ["--hf", str(tmp_path / "src"), "--save", str(tmp_path / "file" / "ck")], "file"),  # OSError
+            (to_hf, ["--load", str(tmp_path / "missing"), "--output", str(tmp_path / "o")], "missing"),
+            (to_hf, ["--load", str(tmp_path / "ck"), "--output", str(tmp_path / "o"), "--vocab-file",
+                     str(tmp_path / "no_vocab.json"), "--merge-file", str(tmp_path / "no_merges.txt")], "no_vocab")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err and "Traceback" not in err, err
