@@ -183,8 +183,13 @@ def get_args(argv=None):
 
 
 def main(argv=None):
+    """Run the tool; a user mistake (bad input line, missing tokenizer file, ...) exits with one stderr line."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return run(get_args(argv))
+    args = get_args(argv)
+    try:
+        return run(args)
+    except (ValueError, OSError) as err:  # json.JSONDecodeError and UnicodeError are ValueErrors
+        sys.exit(f"preprocess_data.py: error: {err}")
 
 
 if __name__ == "__main__":

@@ -26,17 +26,25 @@ from megatron.training.tokenizer.gpt2_tokenization import EOD_TOKEN, bytes_to_un
 def iter_jsonl_texts(paths: Iterable[str], json_keys: List[str]) -> Iterator[str]:
     """Yield the ``json_keys`` fields of every line of the JSONL files (clear error on a bad line)."""
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"--input {path} line {lineno}: not UTF-8 text ({e})") from None
                 if not line.strip():
                     continue
                 try:
-                    obj = json.loads(line)
-                    for key in json_keys:
-                        yield obj[key]
+                    obj = json.loads(line.strip())
+                    texts = [obj[key] for key in json_keys]
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{path} line {lineno}: not a JSON object with keys {json_keys} ({e})") \
-                        from None
+                    raise ValueError(f"--input {path} line {lineno}: not a JSON object with keys {json_keys} "
+                                     f"({type(e).__name__}: {e})") from None
+                for key, text in zip(json_keys, texts):
+                    if not isinstance(text, str):
+                        raise ValueError(f"--input {path} line {lineno}: key {key!r} is not a string "
+                                         "(see --json-keys)")
+                    yield text
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tuple[dict, list]:
@@ -101,12 +109,17 @@ def get_args(argv=None):
 
 
 def main(argv=None):
+    """Run the tool; a user mistake (bad JSONL line, too small --vocab-size, ...) exits with one stderr line."""
     args = get_args(argv)
-    for path in args.input:
-        if not os.path.isfile(path):
-            sys.exit(f"--input {path}: no such file")
-    vocab, merges = train_bpe(iter_jsonl_texts(args.input, args.json_keys), args.vocab_size, args.min_frequency)
-    vocab_path, merge_path = save_gpt2_files(vocab, merges, args.output_dir)
+    try:
+        for path in args.input:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"--input {path}: no such file")
+        vocab, merges = train_bpe(iter_jsonl_texts(args.input, args.json_keys), args.vocab_size,
+                                  args.min_frequency)
+        vocab_path, merge_path = save_gpt2_files(vocab, merges, args.output_dir)
+    except (ValueError, OSError) as err:  # json.JSONDecodeError and UnicodeError are ValueErrors
+        sys.exit(f"train_tokenizer.py: error: {err}")
     print(f"wrote {vocab_path} ({len(vocab)} tokens) and {merge_path} ({len(merges)} merges)")
 
 

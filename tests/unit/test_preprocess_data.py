@@ -72,7 +72,7 @@ def test_preprocess_invalid_lines(tmp_path, capsys):
     lines = [{"text": "1 2 3"}, "{not json", {"text": "4 5"}, {"other": "x"}, "", {"text": "6"}]
     inp = _jsonl(tmp_path / "in.jsonl", lines)
     common = ["--input", inp, "--tokenizer-type", "NullTokenizer", "--vocab-size", "100", "--workers", "2"]
-    with pytest.raises(ValueError, match=r"in.jsonl line 2: invalid JSON.*--skip-invalid-lines"):
+    with pytest.raises(SystemExit, match=r"^preprocess_data.py: error: .*in.jsonl line 2: invalid JSON.*--skip-inv"):
         tool.main(common + ["--output-prefix", str(tmp_path / "bad")])
     assert os.listdir(tmp_path) == ["in.jsonl"]  # nothing half-written, no temp files left
     summary = tool.main(common + ["--output-prefix", str(tmp_path / "ok"), "--skip-invalid-lines"])
@@ -85,9 +85,22 @@ def test_preprocess_invalid_lines(tmp_path, capsys):
 def test_preprocess_bad_tokenizer_files(tmp_path):
     tool = load_preprocess_tool()
     inp = _jsonl(tmp_path / "in.jsonl", [{"text": "a"}])
-    with pytest.raises(FileNotFoundError, match="--vocab-file"):
+    with pytest.raises(SystemExit, match=r"^preprocess_data.py: error: --vocab-file .*none.json: no such file$"):
         tool.main(["--input", inp, "--output-prefix", str(tmp_path / "o"), "--tokenizer-type", "GPT2BPETokenizer",
                    "--vocab-file", str(tmp_path / "none.json"), "--merge-file", str(tmp_path / "none.txt")])
+
+
+def test_preprocess_missing_merge_file_is_one_line(tmp_path, tok_files):
+    import subprocess
+
+    vocab, _ = tok_files
+    inp = _jsonl(tmp_path / "in.jsonl", [{"text": "a"}])
+    missing = str(tmp_path / "no-merges.txt")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", inp,
+                           "--output-prefix", str(tmp_path / "o"), "--tokenizer-type", "GPT2BPETokenizer",
+                           "--vocab-file", vocab, "--merge-file", missing], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == f"preprocess_data.py: error: --merge-file {missing}: no such file"
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -96,10 +109,10 @@ def test_preprocess_tokenizer_error_is_a_line_error(tmp_path, capsys, workers):
     tool = load_preprocess_tool()
     inp = _jsonl(tmp_path / "in.jsonl", [{"text": "1 2"}, {"text": "3"}, {"text": "4 x 5"}, {"text": "6 7"}])
     common = ["--input", inp, "--tokenizer-type", "NullTokenizer", "--vocab-size", "100", "--workers", workers]
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(SystemExit) as err:
         tool.main(common + ["--output-prefix", str(tmp_path / "bad")])
-    msg = str(err.value)
-    assert msg.startswith("--input ") and "\n" not in msg
+    msg = str(err.value.code)
+    assert msg.startswith("preprocess_data.py: error: --input ") and "\n" not in msg
     assert "in.jsonl line 3: key 'text' could not be tokenized (ValueError: NullTokenizer" in msg
     assert "--skip-invalid-lines" in msg
     assert os.listdir(tmp_path) == ["in.jsonl"]

@@ -5,6 +5,7 @@ import json
 import os
 import pydoc_data.topics
 import random
+import re
 
 import pytest
 
@@ -173,6 +174,26 @@ def test_bad_files_clear_errors(gpt2_files, tmp_path):
 
 def test_train_tokenizer_rejects_bad_jsonl(tmp_path):
     tool = load_train_tokenizer_tool()
-    p = _write(tmp_path / "bad.jsonl", '{"text": "ok"}\n{"txt": "wrong key"}\n')
-    with pytest.raises(ValueError, match="line 2"):
-        tool.main(["--input", p, "--vocab-size", "300", "--output-dir", str(tmp_path / "out")])
+    out = str(tmp_path / "out")
+    cases = [('{"text": "ok"}\n{"txt": "wrong key"}\n', r"line 2: not a JSON object with keys \['text'\]"),
+             ('{"text": "ok"}\n\n{"text": "a"\n', r"line 3: not a JSON object .*JSONDecodeError"),
+             ('{"text": "ok"}\n[1, 2]\n', r"line 2: not a JSON object"),
+             ('{"text": 5}\n', r"line 1: key 'text' is not a string")]
+    for i, (text, pattern) in enumerate(cases):
+        p = _write(tmp_path / f"bad{i}.jsonl", text)
+        with pytest.raises(SystemExit) as err:
+            tool.main(["--input", p, "--vocab-size", "300", "--output-dir", out])
+        msg = str(err.value.code)
+        assert msg.startswith(f"train_tokenizer.py: error: --input {p} ") and "\n" not in msg
+        assert re.search(pattern, msg), msg
+    p = _write(tmp_path / "bad.bin.jsonl", "")
+    with open(p, "wb") as f:
+        f.write(b'{"text": "ok"}\n{"text": "\xff\xfe"}\n')
+    with pytest.raises(SystemExit, match=r"^train_tokenizer.py: error: --input .* line 2: not UTF-8"):
+        tool.main(["--input", p, "--vocab-size", "300", "--output-dir", out])
+    good = _write(tmp_path / "good.jsonl", '{"text": "hello world"}\n')
+    with pytest.raises(SystemExit, match=r"^train_tokenizer.py: error: --vocab-size must be at least 257 .*got 100$"):
+        tool.main(["--input", good, "--vocab-size", "100", "--output-dir", out])
+    with pytest.raises(SystemExit, match=r"^train_tokenizer.py: error: --input .*missing.jsonl: no such file$"):
+        tool.main(["--input", str(tmp_path / "missing.jsonl"), "--vocab-size", "300", "--output-dir", out])
+    assert not os.path.exists(out)
