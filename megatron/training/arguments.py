@@ -209,6 +209,11 @@ def validate_args(args: argparse.Namespace, world_size: int, defaults: Optional[
     args.world_size = world_size
     for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size"):
         _require(getattr(args, flag) is not None, f"--{flag.replace('_', '-')} is required")
+    for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
+                 "global_batch_size", "vocab_size", "make_vocab_size_divisible_by", "ffn_hidden_size", "kv_channels",
+                 "max_position_embeddings", "train_iters", "train_samples"):
+        value = getattr(args, flag)
+        _require(value is None or value > 0, f"--{flag.replace('_', '-')} must be > 0 (got {value})")
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     _require(tp >= 1 and pp >= 1, "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
     _require(world_size % (tp * pp) == 0,
@@ -305,6 +310,12 @@ def validate_args(args: argparse.Namespace, world_size: int, defaults: Optional[
              "--distributed-backend nccl needs CUDA GPUs; use gloo on CPU")
 
     # Data and tokenizer.
+    per_split = [f for f in ("train_data_path", "valid_data_path", "test_data_path") if getattr(args, f)]
+    _require(not (args.data_path and per_split),
+             f"give either --data-path (split by --split) or --{per_split[0].replace('_', '-') if per_split else ''} "
+             "and the other per-split paths, not both")
+    _require(not (per_split and not args.train_data_path and not args.mock_data),
+             "--valid-data-path/--test-data-path need --train-data-path too (or use --data-path with --split)")
     has_paths = bool(args.data_path) or bool(args.train_data_path)
     _require(args.mock_data or has_paths,
              "no training data: give --data-path PREFIX (or --train-data-path ...), or --mock-data")

@@ -49,7 +49,9 @@ def set_tensorboard_writer(args) -> None:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as err:  # tensorboard is an optional dependency
-        raise RuntimeError("--tensorboard-dir needs the tensorboard package: pip install tensorboard") from err
+        from megatron.training.arguments import ArgumentError
+
+        raise ArgumentError("--tensorboard-dir needs the tensorboard package: pip install tensorboard") from err
     _GLOBAL_TENSORBOARD_WRITER = SummaryWriter(log_dir=args.tensorboard_dir, max_queue=1000)
 
 

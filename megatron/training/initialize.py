@@ -81,11 +81,14 @@ def resolve_launch_env(environ=None) -> LaunchEnv:
     if "RANK" in env and "WORLD_SIZE" in env:
         return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                          env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+    # SLURM: only inside an srun step (SLURM_STEP_ID set). A plain `python pretrain_gpt.py` in the batch
+    # script itself also sees SLURM_NTASKS but is one process, and must not wait for ranks that never come.
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and ("SLURM_STEP_NUM_TASKS" in env or "SLURM_NTASKS" in env):
         job_id = int(re.sub(r"\D", "", env.get("SLURM_JOB_ID", "0")) or 0)
         addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
         port = int(env.get("MASTER_PORT", 0)) or 10000 + job_id % 50000
-        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+        world = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS")))
+        return LaunchEnv(int(env["SLURM_PROCID"]), world, int(env.get("SLURM_LOCALID", 0)),
                          addr, port, "slurm")
     return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port(), "single")
 

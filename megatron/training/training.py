@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from typing import Callable, Dict, List, Optional
@@ -127,8 +128,11 @@ def build_train_valid_test_data_iterators(dataset_provider: Callable):
         return build_pretraining_data_loader(ds, consumed, args.micro_batch_size, dp_rank, dp_size,
                                              num_workers=args.num_workers)
 
-    train = loader(train_ds, args.consumed_train_samples)
-    valid = loader(valid_ds, 0)  # like Megatron's cyclic validation loader, restarted each run
+    # A resumed run that already reached --train-iters reads no training data (its samples are used up).
+    train = loader(train_ds, args.consumed_train_samples) if args.iteration < args.train_iters else None
+    # Validation continues where the interrupted run stopped (as Megatron), wrapping around the dataset.
+    valid = loader(valid_ds, args.consumed_valid_samples % len(valid_ds)) if valid_ds is not None and len(valid_ds) \
+        else None
     test = loader(test_ds, 0)
     its = (iter(train) if train is not None else None, _cyclic(valid) if valid is not None else None,
            _cyclic(test) if test is not None else None)
@@ -258,8 +262,9 @@ def train(forward_step_func, model, optimizer, opt_param_scheduler, train_data_i
 
         if args.eval_interval and iteration % args.eval_interval == 0 and valid_data_iterator is not None \
                 and args.eval_iters > 0:
-            evaluate_and_print_results(f"iteration {iteration}", forward_step_func, valid_data_iterator, model,
-                                       iteration, args.eval_iters)
+            values = evaluate_and_print_results(f"iteration {iteration}", forward_step_func, valid_data_iterator,
+                                                model, iteration, args.eval_iters)
+            history.setdefault("validation", []).append((iteration, values.get("lm loss")))
         saved = False
         if args.save and args.save_interval and iteration % args.save_interval == 0:
             _save(iteration, model, optimizer, opt_param_scheduler)
@@ -290,7 +295,10 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
         print_datetime("after model, optimizer, and learning rate scheduler are built")
         train_it, valid_it, test_it = build_train_valid_test_data_iterators(train_valid_test_dataset_provider)
         print_datetime("after dataloaders are built")
-    except (ArgumentError, CheckpointError) as err:
+    except (ArgumentError, CheckpointError, ValueError, OSError) as err:
+        # Set-up failures come from flags, files and data; say it in one line (MEGATRON_TRACEBACK=1 for the trace).
+        if os.environ.get("MEGATRON_TRACEBACK") == "1":
+            raise
         print(f"{sys.argv[0]}: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     history: Dict[str, list] = {"iteration": [], "lm loss": []}
@@ -311,4 +319,5 @@ def pretrain(train_valid_test_dataset_provider: Callable, model_provider: Callab
                                                          args.eval_iters)
     print_datetime("training done")
     global_vars.destroy_global_vars()
+    parallel_state.destroy_model_parallel()  # so pretrain() can run again in the same process
     return history

@@ -66,7 +66,8 @@ def test_two_torchrun_nodes_tp2_dp2_match_single_process(tmp_path):
 
 
 def _slurm_task_env(rank, world, job_id, nodelist="localhost"):
-    return _env(SLURM_PROCID=str(rank), SLURM_NTASKS=str(world), SLURM_LOCALID=str(rank), SLURM_JOB_ID=str(job_id),
+    return _env(SLURM_PROCID=str(rank), SLURM_NTASKS=str(world), SLURM_STEP_NUM_TASKS=str(world), SLURM_STEP_ID="0",
+                SLURM_LOCALID=str(rank), SLURM_JOB_ID=str(job_id),
                 SLURM_JOB_NODELIST=nodelist)
 
 

@@ -101,6 +101,9 @@ def test_log_line_is_megatron_format():
     (["--ffn-hidden-size", "33", "--tensor-model-parallel-size", "2"], "--ffn-hidden-size"),
     (["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "5"],
      "--recompute-num-layers"),
+    (["--micro-batch-size", "0"], "--micro-batch-size must be > 0"),
+    (["--vocab-size", "0"], "--vocab-size must be > 0"),
+    (["--data-path", "a", "--valid-data-path", "x"], "not both"),
 ])
 def test_bad_flags_are_one_clear_error(extra, message):
     from megatron.training.arguments import ArgumentError, parse_args, validate_args

@@ -40,3 +40,29 @@ def _resume_without_tiny(rank, world, flags):
 
     return pretrain(pretrain_gpt.train_valid_test_datasets_provider, pretrain_gpt.model_provider,
                     ModelType.encoder_or_decoder, pretrain_gpt.forward_step, args_list=flags)
+
+
+def _two_runs(rank, world, save, total, stop):
+    """An uninterrupted run of ``total`` iterations, and one stopped at ``stop`` then resumed to ``total``."""
+    import os
+
+    from tests.functional.test_pretrain_gpt import _pretrain as run
+
+    common = ["--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", str(total),
+              "--eval-interval", "1", "--eval-iters", "1", "--split", "90,10,0"]
+    full = run(rank, world, common)
+    part = run(rank, world, common + ["--save", save, "--exit-interval", str(stop)])
+    resumed = run(rank, world, common + ["--save", save, "--load", save])
+    again = run(rank, world, common + ["--save", save, "--load", save])  # already finished: nothing to do
+    return {"full": full, "part": part, "resumed": resumed, "again": again,
+            "saved": sorted(os.listdir(save))}
+
+
+def test_resume_continues_validation_and_a_finished_run_is_a_no_op(tmp_path):
+    out = run_distributed(_two_runs, 1, args=(str(tmp_path / "ckpt"), 4, 2), timeout=240)[0]
+    assert out["resumed"]["iteration"] == [3, 4]
+    assert out["part"]["lm loss"] + out["resumed"]["lm loss"] == out["full"]["lm loss"]
+    # Validation batches continue where the stopped run left off, so the values match the uninterrupted run.
+    assert out["part"]["validation"] + out["resumed"]["validation"] == out["full"]["validation"]
+    assert out["again"]["iteration"] == []
+    assert out["saved"] == ["iter_0000002", "iter_0000004", "latest_checkpointed_iteration.txt"]

@@ -26,7 +26,7 @@ def test_slurm_env_uses_scontrol_first_host_and_job_id_port(tmp_path, monkeypatc
     scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "6", "SLURM_LOCALID": "2", "SLURM_JOB_ID": "123456",
-           "SLURM_JOB_NODELIST": "gpu[07-08],cpu1"}
+           "SLURM_STEP_ID": "0", "SLURM_JOB_NODELIST": "gpu[07-08],cpu1"}
     got = resolve_launch_env(env)
     assert (got.rank, got.world_size, got.local_rank, got.master_addr, got.launcher) == (5, 6, 2, "gpu07", "slurm")
     assert got.master_port == 10000 + 123456 % 50000
@@ -38,7 +38,8 @@ def test_slurm_env_uses_scontrol_first_host_and_job_id_port(tmp_path, monkeypatc
 
 def test_slurm_nodelist_fallback_without_scontrol(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol anywhere
-    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "node[03-05,09],x"}
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "node[03-05,09],x",
+           "SLURM_STEP_ID": "0"}
     assert resolve_launch_env(env).master_addr == "node03"
     assert resolve_launch_env(dict(env, SLURM_JOB_NODELIST="single")).master_addr == "single"
 
@@ -129,3 +130,13 @@ def test_no_monitor_for_a_single_process():
     from megatron.training.initialize import LaunchEnv, start_liveness_monitor
 
     assert start_liveness_monitor(LaunchEnv(0, 1, 0, "127.0.0.1", 1, "single"), 1.0) is None
+
+
+def test_plain_process_in_an_sbatch_script_is_a_single_rank():
+    # The batch step sees SLURM_NTASKS=2 but no SLURM_STEP_ID: a plain `python pretrain_gpt.py` there is one rank.
+    got = resolve_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "9",
+                              "SLURM_JOB_NODELIST": "n1"})
+    assert (got.world_size, got.launcher) == (1, "single")
+    step = resolve_launch_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "2",
+                               "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "9", "SLURM_JOB_NODELIST": "n1"})
+    assert (step.rank, step.world_size, step.launcher) == (1, 2, "slurm")
