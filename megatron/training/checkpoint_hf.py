@@ -38,6 +38,36 @@ def _qkv_from_hf(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(3, heads, hd, *rest).transpose(0, 1).reshape(3 * heads * hd, *rest)
 
 
+# One transformer layer, both directions: (our name under layers.N., HF name under h.N., how it changes).
+# "t": HF Conv1D stores [in, out], the transpose of our [out, in]; "qkv": per-head rows <-> q|k|v blocks.
+_LAYER_MAP = (
+    ("input_layernorm.weight", "ln_1.weight", None),
+    ("input_layernorm.bias", "ln_1.bias", None),
+    ("post_attention_layernorm.weight", "ln_2.weight", None),
+    ("post_attention_layernorm.bias", "ln_2.bias", None),
+    ("self_attention.query_key_value.weight", "attn.c_attn.weight", "qkv+t"),
+    ("self_attention.query_key_value.bias", "attn.c_attn.bias", "qkv"),
+    ("self_attention.dense.weight", "attn.c_proj.weight", "t"),
+    ("self_attention.dense.bias", "attn.c_proj.bias", None),
+    ("mlp.dense_h_to_4h.weight", "mlp.c_fc.weight", "t"),
+    ("mlp.dense_h_to_4h.bias", "mlp.c_fc.bias", None),
+    ("mlp.dense_4h_to_h.weight", "mlp.c_proj.weight", "t"),
+    ("mlp.dense_4h_to_h.bias", "mlp.c_proj.bias", None),
+)
+
+
+def _layer_tensor_to_hf(t: torch.Tensor, kind: Optional[str], heads: int) -> torch.Tensor:
+    if kind in ("qkv", "qkv+t"):
+        t = _qkv_to_hf(t, heads)
+    return t.t() if kind in ("t", "qkv+t") else t
+
+
+def _layer_tensor_from_hf(t: torch.Tensor, kind: Optional[str], heads: int) -> torch.Tensor:
+    if kind in ("t", "qkv+t"):
+        t = t.t()
+    return _qkv_from_hf(t, heads) if kind in ("qkv", "qkv+t") else t
+
+
 def hf_activation(args: argparse.Namespace) -> str:
     """HF ``activation_function`` for a Megatron run's GeLU flags."""
     tanh = bool(getattr(args, "openai_gelu", False)) or bool(getattr(args, "bias_gelu_fusion", False))
@@ -61,17 +91,8 @@ def megatron_to_hf(model: Dict[str, torch.Tensor], args: argparse.Namespace,
           "transformer.wpe.weight": model["language_model.embedding.position_embeddings.weight"]}
     for i in range(layers):
         src, dst = _L.format(i), f"transformer.h.{i}."
-        for a, b in (("input_layernorm", "ln_1"), ("post_attention_layernorm", "ln_2")):
-            sd[dst + b + ".weight"] = model[src + a + ".weight"]
-            sd[dst + b + ".bias"] = model[src + a + ".bias"]
-        sd[dst + "attn.c_attn.weight"] = _qkv_to_hf(model[src + "self_attention.query_key_value.weight"], heads).t()
-        sd[dst + "attn.c_attn.bias"] = _qkv_to_hf(model[src + "self_attention.query_key_value.bias"], heads)
-        sd[dst + "attn.c_proj.weight"] = model[src + "self_attention.dense.weight"].t()
-        sd[dst + "attn.c_proj.bias"] = model[src + "self_attention.dense.bias"]
-        sd[dst + "mlp.c_fc.weight"] = model[src + "mlp.dense_h_to_4h.weight"].t()
-        sd[dst + "mlp.c_fc.bias"] = model[src + "mlp.dense_h_to_4h.bias"]
-        sd[dst + "mlp.c_proj.weight"] = model[src + "mlp.dense_4h_to_h.weight"].t()
-        sd[dst + "mlp.c_proj.bias"] = model[src + "mlp.dense_4h_to_h.bias"]
+        for ours, theirs, kind in _LAYER_MAP:
+            sd[dst + theirs] = _layer_tensor_to_hf(model[src + ours], kind, heads)
     sd["transformer.ln_f.weight"] = model["language_model.encoder.final_layernorm.weight"]
     sd["transformer.ln_f.bias"] = model["language_model.encoder.final_layernorm.bias"]
     tied = "language_model.output_layer.weight" not in model
@@ -114,17 +135,8 @@ def hf_to_megatron(sd: Dict[str, torch.Tensor], config: dict,
              "language_model.embedding.position_embeddings.weight": sd["wpe.weight"]}
     for i in range(layers):
         src, dst = f"h.{i}.", _L.format(i)
-        for a, b in (("input_layernorm", "ln_1"), ("post_attention_layernorm", "ln_2")):
-            model[dst + a + ".weight"] = sd[src + b + ".weight"]
-            model[dst + a + ".bias"] = sd[src + b + ".bias"]
-        model[dst + "self_attention.query_key_value.weight"] = _qkv_from_hf(sd[src + "attn.c_attn.weight"].t(), heads)
-        model[dst + "self_attention.query_key_value.bias"] = _qkv_from_hf(sd[src + "attn.c_attn.bias"], heads)
-        model[dst + "self_attention.dense.weight"] = sd[src + "attn.c_proj.weight"].t()
-        model[dst + "self_attention.dense.bias"] = sd[src + "attn.c_proj.bias"]
-        model[dst + "mlp.dense_h_to_4h.weight"] = sd[src + "mlp.c_fc.weight"].t()
-        model[dst + "mlp.dense_h_to_4h.bias"] = sd[src + "mlp.c_fc.bias"]
-        model[dst + "mlp.dense_4h_to_h.weight"] = sd[src + "mlp.c_proj.weight"].t()
-        model[dst + "mlp.dense_4h_to_h.bias"] = sd[src + "mlp.c_proj.bias"]
+        for ours, theirs, kind in _LAYER_MAP:
+            model[dst + ours] = _layer_tensor_from_hf(sd[src + theirs], kind, heads)
     model["language_model.encoder.final_layernorm.weight"] = sd["ln_f.weight"]
     model["language_model.encoder.final_layernorm.bias"] = sd["ln_f.bias"]
     tied = config.get("tie_word_embeddings", True)
