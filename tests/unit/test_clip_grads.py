@@ -76,25 +76,6 @@ class _Stage(torch.nn.Module):
             self.ln = torch.nn.Parameter(torch.ones(4))
 
 
-def _portable(obj):
-    """Tensors -> numpy (tensors sent through the result queue would need the dead worker's shared memory)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().numpy()
-    if isinstance(obj, dict):
-        return {k: _portable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_portable(v) for v in obj)
-    return obj
-
-
-def _torch(obj):
-    if hasattr(obj, "__array__") and not isinstance(obj, (float, int)):
-        return torch.from_numpy(obj)
-    if isinstance(obj, dict):
-        return {k: _torch(v) for k, v in obj.items()}
-    return obj
-
-
 def _body(rank, world_size):
     out = {}
     # ---- TP=2: sharded + replicated params ----
@@ -138,12 +119,12 @@ def _body(rank, world_size):
     popt = get_megatron_optimizer(OptimizerConfig(lr=LR, weight_decay=0.0, clip_grad=MAX_NORM), [model])
     ok, norm, _ = popt.step()
     out["pp"] = {"ok": ok, "norm": norm, "params": {n: p.detach().clone() for n, p in stage.named_parameters()}}
-    return _portable(out)
+    return out  # run_distributed carries tensors back as numpy and rebuilds them
 
 
 @pytest.fixture(scope="module")
 def results():
-    return [_torch(r) for r in run_distributed(_body, world_size=2)]
+    return run_distributed(_body, world_size=2)
 
 
 def test_tp2_norm_and_clipping_equal_dense(results):
