@@ -19,13 +19,14 @@ TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4"
         "--seed", "7", "--clip-grad", "1.0"]
 
 
-def _pretrain(rank, world, extra):
+def _pretrain(rank, world, extra, base=TINY):
+    """pretrain_gpt in-process with ``base + extra`` flags; returns the history (ranks spawned by the harness)."""
     import pretrain_gpt
     from megatron.core.transformer.enums import ModelType
     from megatron.training import pretrain
 
     return pretrain(pretrain_gpt.train_valid_test_datasets_provider, pretrain_gpt.model_provider,
-                    ModelType.encoder_or_decoder, pretrain_gpt.forward_step, args_list=TINY + list(extra))
+                    ModelType.encoder_or_decoder, pretrain_gpt.forward_step, args_list=list(base) + list(extra))
 
 
 def _history(world, extra):

@@ -29,17 +29,8 @@ def test_resume_with_model_flags_from_checkpoint(tmp_path):
     flags = _without_model_flags(TINY) + common + ["--train-iters", "3", "--load", save, "--use-checkpoint-args",
                                                       "--use-checkpoint-opt_param-scheduler"]
     assert "--hidden-size" not in flags
-    second = run_distributed(_resume_without_tiny, 1, args=(flags,), timeout=180)[0]
+    second = run_distributed(_pretrain, 1, args=(flags, ()), timeout=180)[0]
     assert second["iteration"] == [3] and second["lm loss"][0] > 0
-
-
-def _resume_without_tiny(rank, world, flags):
-    import pretrain_gpt
-    from megatron.core.transformer.enums import ModelType
-    from megatron.training import pretrain
-
-    return pretrain(pretrain_gpt.train_valid_test_datasets_provider, pretrain_gpt.model_provider,
-                    ModelType.encoder_or_decoder, pretrain_gpt.forward_step, args_list=flags)
 
 
 def _two_runs(rank, world, save, total, stop):
