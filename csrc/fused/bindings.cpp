@@ -77,6 +77,8 @@ at::Tensor scaled_masked_softmax_backward(const at::Tensor& grad_output, const a
   TORCH_CHECK(grad_output.sizes() == softmax_output.sizes() &&
                   grad_output.scalar_type() == softmax_output.scalar_type(),
               "grad_output and softmax_output must match in shape and dtype");
+  TORCH_CHECK(softmax_output.dim() >= 1 && softmax_output.size(-1) >= 1, "softmax_output must have rows, got ",
+              softmax_output.sizes());
   const int64_t sk = softmax_output.size(-1);
   const c10::cuda::CUDAGuard guard(softmax_output.device());
   at::Tensor grad_input = at::empty_like(softmax_output);

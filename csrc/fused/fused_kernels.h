@@ -29,7 +29,8 @@ cudaError_t scaled_masked_softmax_backward(DType dtype, const void* grad_output,
                                            cudaStream_t stream);
 
 // Causal: input/output [attn_batches, sq, sk]; (i, j) is masked when j > i + (sk - sq).
-// Masked elements are never read and are written as 0.
+// Masked elements are written as 0 and never affect the result; of the masked triangle only the
+// 16-byte vector holding the diagonal is loaded.
 cudaError_t scaled_upper_triang_masked_softmax_forward(DType dtype, const void* input, void* output,
                                                        int64_t attn_batches, int64_t sq, int64_t sk,
                                                        float scale, cudaStream_t stream);

@@ -3,7 +3,8 @@
 // One row (sk elements) is held in registers by `tpr` threads (32..1024), each owning CHUNKS
 // vectors of VEC elements at columns (c * tpr + t) * VEC. fp16/bf16 in and out, fp32 math, exp2 with
 // the scale pre-multiplied by log2(e). Masked elements and fully masked rows produce 0. The causal
-// kernels never read the masked upper triangle (about half the input) and write it as zeros.
+// kernels skip the masked upper triangle (about half the input), loading past the diagonal only within
+// the vector that holds it (values that never reach the result), and write it as zeros.
 #include <cmath>
 
 #include "common.cuh"
