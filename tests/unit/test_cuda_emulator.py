@@ -35,6 +35,24 @@ needs_cxx = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("cla
 COMPILED_CHUNKS = {8: {1, 2}, 4: {1, 2, 4}, 1: {1, 4, 16}}  # common.cuh ChunkList<VEC>
 
 
+_SANITIZER_OK: dict[str, str] = {}
+
+
+def require_sanitizer(sanitize: str, tmp: Path) -> None:
+    """Skips (with the compiler's words) where this toolchain cannot build and run a sanitized program."""
+    if sanitize not in _SANITIZER_OK:
+        src = tmp / "probe.cpp"
+        src.write_text("#include <thread>\nint main() { std::thread([] {}).join(); }\n")
+        exe = tmp / f"probe.{sanitize}"
+        cmd = [emu_build.find_compiler(), "-pthread", *emu_build.SANITIZE_FLAGS[sanitize], str(src), "-o", str(exe)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode == 0:
+            proc = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+        _SANITIZER_OK[sanitize] = "" if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
+    if _SANITIZER_OK[sanitize]:
+        pytest.skip(f"{sanitize} sanitizer unavailable here: {_SANITIZER_OK[sanitize]}")
+
+
 def run_check(exe: Path, suite: str = "", timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([str(exe), *([suite] if suite else [])], capture_output=True, text=True, timeout=timeout)
 
@@ -59,6 +77,7 @@ def test_translate_rewrites_every_launch_form():
 
 @needs_cxx
 def test_kernels_on_emulator_asan(build_dir):
+    require_sanitizer("address", build_dir)
     exe = emu_build.build(build_dir, "address")
     proc = run_check(exe)
     out = proc.stdout + proc.stderr
@@ -79,6 +98,7 @@ def test_kernels_on_emulator_asan(build_dir):
 
 @needs_cxx
 def test_kernels_on_emulator_tsan(build_dir):
+    require_sanitizer("thread", build_dir)
     exe = emu_build.build(build_dir, "thread")
     proc = run_check(exe, "race")
     out = proc.stdout + proc.stderr
@@ -106,6 +126,7 @@ MUTATIONS = [
 @needs_cxx
 @pytest.mark.parametrize("name,sanitize,suite,mutation,expected", MUTATIONS, ids=[m[0] for m in MUTATIONS])
 def test_broken_kernels_fail_the_check(build_dir, name, sanitize, suite, mutation, expected):
+    require_sanitizer(sanitize, build_dir)
     exe = emu_build.build(build_dir, sanitize, mutation)
     proc = run_check(exe, suite)
     out = proc.stdout + proc.stderr
