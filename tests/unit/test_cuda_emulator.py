@@ -5,7 +5,7 @@ unchanged .cu sources with g++ against an emulator of threads, blocks, __syncthr
 shuffles (tests/cuda_emu/include/emu_cuda.h), and tests/cuda_emu/check_kernels.cpp runs every
 launcher of csrc/fused/fused_kernels.h against float64 references:
 
-* AddressSanitizer + UBSan build, full sweep (127 cases): every (vector width, chunks, threads per
+* AddressSanitizer + UBSan build, full sweep (129 cases): every (vector width, chunks, threads per
   row) variant, masks, fully masked rows, causal with sq != sk, all layer-norm dtype pairs, rows
   from 1 to 16384 elements, unaligned pointers. Outputs are NaN-poisoned (unwritten elements fail);
   any out-of-bounds access fails.
