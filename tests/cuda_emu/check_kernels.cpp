@@ -184,20 +184,47 @@ Compare softmax_backward_compare(Buf<T>& dy, Buf<T>& y, Buf<T>& dx, int64_t rows
   return c;
 }
 
-// Runs the backward out of place and in place (grad_input aliasing grad_output).
+// Reference softmax(scale * x) of rows of sk, masked(r, j) elements excluded (exactly 0), against y.
+template <typename T, typename Masked>
+Compare softmax_forward_compare(Buf<T>& x, Buf<T>& y, int64_t rows, int64_t sk, double scale, Masked masked) {
+  Compare c;
+  for (int64_t r = 0; r < rows; ++r) {
+    double mx = -INFINITY, sum = 0;
+    for (int64_t j = 0; j < sk; ++j) {
+      if (!masked(r, j)) mx = std::max(mx, scale * val(x[r * sk + j]));
+    }
+    for (int64_t j = 0; j < sk; ++j) {
+      if (!masked(r, j)) sum += std::exp(scale * val(x[r * sk + j]) - mx);
+    }
+    for (int64_t j = 0; j < sk; ++j) {
+      const int64_t i = r * sk + j;
+      const double ref = masked(r, j) ? 0.0 : std::exp(scale * val(x[i]) - mx) / sum;
+      c.add(val(y[i]), ref, Type<T>::rtol * ref + 1e-6 + Type<T>::atol, i, masked(r, j));
+    }
+  }
+  return c;
+}
+
+// After a forward launch (its problem and comparison): runs the backward out of place and in place
+// (grad_input aliasing grad_output) on the kernel's y and reports the case.
 template <typename T, typename Launch>
-std::vector<std::pair<std::string, Compare>> softmax_backward_both(Rng& rng, Buf<T>& y, int64_t rows, int64_t sk,
-                                                                   double scale, bool unaligned, Launch launch,
-                                                                   std::string* problem) {
+void softmax_backward_and_report(Report& rep, Rng& rng, const std::string& name, std::string problem,
+                                 const Compare& fwd, Buf<T>& y, int64_t rows, int64_t sk, double scale,
+                                 bool unaligned, Launch launch) {
+  if (!problem.empty()) return rep.result(name, {}, problem);
   const int64_t n = rows * sk;
   Buf<T> dy(n, unaligned), dx(n, unaligned), inplace(n, unaligned);
   std::uniform_real_distribution<double> u(-2, 2);
   for (int64_t i = 0; i < n; ++i) inplace[i] = dy[i] = make<T>(u(rng));
   dx.poison();
-  *problem = Report::launch_problem(launch(dy.data(), y.data(), dx.data()));
-  if (problem->empty()) *problem = Report::launch_problem(launch(inplace.data(), y.data(), inplace.data()));
-  return {{"dx", softmax_backward_compare(dy, y, dx, rows, sk, scale)},
-          {"dx_inplace", softmax_backward_compare(dy, y, inplace, rows, sk, scale)}};
+  problem = Report::launch_problem(launch(dy.data(), y.data(), dx.data()));
+  if (problem.empty()) problem = Report::launch_problem(launch(inplace.data(), y.data(), inplace.data()));
+  rep.result(name,
+             {{"y", fwd},
+              {"dx", softmax_backward_compare(dy, y, dx, rows, sk, scale)},
+              {"dx_inplace", softmax_backward_compare(dy, y, inplace, rows, sk, scale)}},
+             problem);
+  rep.config("softmax", sk, !unaligned && sk % 8 == 0 ? 8 : 1);
 }
 
 template <typename T>
@@ -223,32 +250,15 @@ void softmax_masked_case(Report& rep, Rng& rng, int64_t b, int64_t np, int64_t s
       Type<T>::dtype, x.data(), m, y.data(), b, np, sq, sk, kind == MaskKind::kBroadcast, static_cast<float>(scale),
       nullptr));
 
-  Compare fwd;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t q = r % sq, batch = kind == MaskKind::kPerBatch ? r / (np * sq) : 0;
-    auto is_masked = [&](int64_t j) { return m != nullptr && mask[(batch * sq + q) * sk + j] != 0; };
-    double mx = -INFINITY, sum = 0;
-    for (int64_t j = 0; j < sk; ++j) {
-      if (!is_masked(j)) mx = std::max(mx, scale * val(x[r * sk + j]));
-    }
-    for (int64_t j = 0; j < sk; ++j) {
-      if (!is_masked(j)) sum += std::exp(scale * val(x[r * sk + j]) - mx);
-    }
-    for (int64_t j = 0; j < sk; ++j) {
-      const int64_t i = r * sk + j;
-      const double ref = is_masked(j) ? 0.0 : std::exp(scale * val(x[i]) - mx) / sum;
-      fwd.add(val(y[i]), ref, Type<T>::rtol * ref + 1e-6 + Type<T>::atol, i, is_masked(j));
-    }
-  }
+  const Compare fwd = softmax_forward_compare(x, y, rows, sk, scale, [&](int64_t r, int64_t j) {
+    const int64_t batch = kind == MaskKind::kPerBatch ? r / (np * sq) : 0;
+    return m != nullptr && mask[(batch * sq + r % sq) * sk + j] != 0;
+  });
   const char* mask_name = kind == MaskKind::kNone ? "" : (kind == MaskKind::kPerBatch ? " mask" : " mask[1]");
   const std::string name = shape_name<T>("masked_softmax", {b, np, sq, sk}, unaligned) + mask_name;
-  if (!problem.empty()) return rep.result(name, {}, problem);
-  auto parts = softmax_backward_both<T>(rng, y, rows, sk, scale, unaligned, [&](T* dy, T* p, T* dx) {
+  softmax_backward_and_report<T>(rep, rng, name, problem, fwd, y, rows, sk, scale, unaligned, [&](T* dy, T* p, T* dx) {
     return mf::scaled_masked_softmax_backward(Type<T>::dtype, dy, p, dx, rows, sk, static_cast<float>(scale), nullptr);
-  }, &problem);
-  parts.insert(parts.begin(), {"y", fwd});
-  rep.result(name, parts, problem);
-  rep.config("softmax", sk, !unaligned && sk % 8 == 0 ? 8 : 1);
+  });
 }
 
 template <typename T>
@@ -264,26 +274,13 @@ void softmax_causal_case(Report& rep, Rng& rng, int64_t batches, int64_t sq, int
   y.poison();
   std::string problem = Report::launch_problem(mf::scaled_upper_triang_masked_softmax_forward(
       Type<T>::dtype, x.data(), y.data(), batches, sq, sk, static_cast<float>(scale), nullptr));
-  Compare fwd;
-  for (int64_t r = 0; r < rows; ++r) {
-    double mx = -INFINITY, sum = 0;
-    for (int64_t j = 0; j < valid(r); ++j) mx = std::max(mx, scale * val(x[r * sk + j]));
-    for (int64_t j = 0; j < valid(r); ++j) sum += std::exp(scale * val(x[r * sk + j]) - mx);
-    for (int64_t j = 0; j < sk; ++j) {
-      const int64_t i = r * sk + j;
-      const double ref = j < valid(r) ? std::exp(scale * val(x[i]) - mx) / sum : 0.0;
-      fwd.add(val(y[i]), ref, Type<T>::rtol * ref + 1e-6 + Type<T>::atol, i, j >= valid(r));
-    }
-  }
+  const Compare fwd =
+      softmax_forward_compare(x, y, rows, sk, scale, [&](int64_t r, int64_t j) { return j >= valid(r); });
   const std::string name = shape_name<T>("causal_softmax", {batches, sq, sk}, unaligned);
-  if (!problem.empty()) return rep.result(name, {}, problem);
-  auto parts = softmax_backward_both<T>(rng, y, rows, sk, scale, unaligned, [&](T* dy, T* p, T* dx) {
+  softmax_backward_and_report<T>(rep, rng, name, problem, fwd, y, rows, sk, scale, unaligned, [&](T* dy, T* p, T* dx) {
     return mf::scaled_upper_triang_masked_softmax_backward(Type<T>::dtype, dy, p, dx, batches, sq, sk,
                                                           static_cast<float>(scale), nullptr);
-  }, &problem);
-  parts.insert(parts.begin(), {"y", fwd});
-  rep.result(name, parts, problem);
-  rep.config("softmax", sk, !unaligned && sk % 8 == 0 ? 8 : 1);
+  });
 }
 
 // ---- layer norm ---------------------------------------------------------------------------------
