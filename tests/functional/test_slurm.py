@@ -143,28 +143,41 @@ def slurm_cluster(tmp_path_factory):
             _stop_pid(pid_file)
 
 
-def _run_job(env, d, launch, ntasks_per_node):
-    job_env = dict(env, MODEL_SIZE="tiny", MOCK_DATA="1", VOCAB_SIZE="200", TP="2", TRAIN_ITERS="30",
-                   LR="3e-3", WARMUP_ITERS="0", MICRO_BATCH="2", GLOBAL_BATCH="8", LOG_INTERVAL="5", EVAL_ITERS="0",
-                   GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1", LAUNCH=launch, PY=os.path.join(ROOT, ".venv/bin/python")
-                   if os.path.exists(os.path.join(ROOT, ".venv/bin/python")) else shutil.which("python3"),
-                   PYTHONPATH=ROOT, DIST_TIMEOUT_MIN="1", EXTRA_ARGS="--hidden-dropout 0 --attention-dropout 0")
-    log = f"{d}/job-{launch}.out"
+def _sbatch(env, log, ntasks_per_node=1, **settings):
+    """Submits examples/pretrain_gpt_slurm.sbatch on 2 nodes with a tiny TP=2 mock-data model; returns the job id."""
+    venv_py = os.path.join(ROOT, ".venv/bin/python")
+    job_env = dict(env, MODEL_SIZE="tiny", MOCK_DATA="1", VOCAB_SIZE="200", TP="2", LR="3e-3", WARMUP_ITERS="0",
+                   MICRO_BATCH="2", GLOBAL_BATCH="8", EVAL_ITERS="0", GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1",
+                   PY=venv_py if os.path.exists(venv_py) else shutil.which("python3"), PYTHONPATH=ROOT,
+                   DIST_TIMEOUT_MIN="1", EXTRA_ARGS="--hidden-dropout 0 --attention-dropout 0", **settings)
     out = subprocess.run([_which("sbatch"), "--parsable", "--nodes=2", f"--ntasks-per-node={ntasks_per_node}",
                           "--overcommit", f"--output={log}", "--time=10",
                           os.path.join(ROOT, "examples/pretrain_gpt_slurm.sbatch")],
                          capture_output=True, text=True, env=job_env, cwd=ROOT, timeout=60)
     assert out.returncode == 0, f"sbatch failed: {out.stderr}"
-    job_id = out.stdout.strip().split(";")[0]
-    end = time.monotonic() + 150
-    state = ""
+    return out.stdout.strip().split(";")[0]
+
+
+def _wait_for_job(env, job_id, seconds, ended):
+    """Polls `scontrol show job` until JobState is one of `ended` or time runs out; returns (state, restarts)."""
+    end = time.monotonic() + seconds
+    state, restarts = "", 0
     while time.monotonic() < end:
         info = subprocess.run([_which("scontrol"), "show", "job", job_id], capture_output=True, text=True, env=env,
                               timeout=30).stdout
         state = (re.search(r"JobState=(\S+)", info) or [None, ""])[1]
-        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"):
+        restarts = int((re.search(r"Restarts=(\d+)", info) or [None, "0"])[1])
+        if state in ended:
             break
         time.sleep(0.5)
+    return state, restarts
+
+
+def _run_job(env, d, launch, ntasks_per_node):
+    log = f"{d}/job-{launch}.out"
+    job_id = _sbatch(env, log, ntasks_per_node, TRAIN_ITERS="30", LOG_INTERVAL="5", LAUNCH=launch)
+    state, _ = _wait_for_job(env, job_id, 150,
+                             ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"))
     text = open(log).read() if os.path.exists(log) else "(no job log)"
     assert state == "COMPLETED", f"job {job_id} ended {state!r}; log:\n{text[-4000:]}"
     return text
@@ -190,34 +203,15 @@ def test_usr1_preemption_saves_requeues_and_resumes(slurm_cluster, tmp_path):
     from the checkpoint to the end."""
     env, d = slurm_cluster
     ckpt = tmp_path / "ckpt"
-    job_env = dict(env, MODEL_SIZE="tiny", MOCK_DATA="1", VOCAB_SIZE="200", TP="2", TRAIN_ITERS="80", LR="3e-3",
-                   WARMUP_ITERS="0", MICRO_BATCH="2", GLOBAL_BATCH="8", LOG_INTERVAL="1", EVAL_ITERS="0",
-                   GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1", LAUNCH="torchrun", CHECKPOINT_PATH=str(ckpt),
-                   PY=os.path.join(ROOT, ".venv/bin/python") if os.path.exists(os.path.join(ROOT, ".venv/bin/python"))
-                   else shutil.which("python3"), PYTHONPATH=ROOT, DIST_TIMEOUT_MIN="1",
-                   EXTRA_ARGS="--hidden-dropout 0 --attention-dropout 0")
     log = f"{d}/job-preempt.out"
-    out = subprocess.run([_which("sbatch"), "--parsable", "--nodes=2", "--ntasks-per-node=1", "--overcommit",
-                          f"--output={log}", "--time=10", os.path.join(ROOT, "examples/pretrain_gpt_slurm.sbatch")],
-                         capture_output=True, text=True, env=job_env, cwd=ROOT, timeout=60)
-    assert out.returncode == 0, out.stderr
-    job_id = out.stdout.strip().split(";")[0]
+    job_id = _sbatch(env, log, TRAIN_ITERS="80", LOG_INTERVAL="1", LAUNCH="torchrun", CHECKPOINT_PATH=str(ckpt))
     end = time.monotonic() + 120
     while time.monotonic() < end and len(losses(open(log).read() if os.path.exists(log) else "")) < 5:
         time.sleep(0.2)
     sent = subprocess.run([_which("scancel"), "--signal=USR1", job_id], capture_output=True, text=True, env=env,
                           timeout=30)
     assert sent.returncode == 0, sent.stderr
-    end = time.monotonic() + 240
-    state = ""
-    while time.monotonic() < end:
-        info = subprocess.run([_which("scontrol"), "show", "job", job_id], capture_output=True, text=True, env=env,
-                              timeout=30).stdout
-        state = (re.search(r"JobState=(\S+)", info) or [None, ""])[1]
-        restarts = int((re.search(r"Restarts=(\d+)", info) or [None, "0"])[1])
-        if state == "COMPLETED" or state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
-            break
-        time.sleep(0.5)
+    state, restarts = _wait_for_job(env, job_id, 240, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"))
     text = open(log).read()
     assert state == "COMPLETED" and restarts == 1, f"{state} restarts={restarts}\n{text[-4000:]}"
     stopped = re.search(r"exiting program at iteration (\d+): received a termination signal", text)
